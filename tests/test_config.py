@@ -1,0 +1,83 @@
+"""Config loading, overrides and start-up validation; the CLI's exit code 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from first_jax import config as config_lib
+from first_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+def test_overrides_are_typed_by_their_default():
+  cfg = config_lib.load(["--config", SMOKE, "--config.extract.k=7", "--config.distill.lr", "0.5",
+                         "--config.resume=false", "--config.data.ood_tasks=('a', 'b')",
+                         "--config.mesh.data=-1", "--config.workdir=/tmp/x"])
+  assert cfg.extract.k == 7 and isinstance(cfg.extract.k, int)
+  assert cfg.distill.lr == 0.5 and cfg.resume is False
+  assert cfg.data.ood_tasks == ("a", "b") and cfg.workdir == "/tmp/x"
+
+
+def test_config_is_locked_after_load():
+  cfg = config_lib.load(["--config", SMOKE])
+  with pytest.raises((AttributeError, KeyError)):
+    cfg.new_key = 1
+
+
+def test_variant_argument():
+  cfg = config_lib.load(["--config", SMOKE + ":online"])
+  assert cfg.distill.mode == "online" and cfg.distill.temperature == "search"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config.nonexistent=1"], "config.nonexistent: unknown key"),
+    (["--config.data.nope=1"], "config.data.nope: unknown key"),
+    (["--config.extract.k=abc"], "config.extract.k: expected int"),
+    (["--config.resume=maybe"], "config.resume: expected bool"),
+    (["--config.extract.k=0"], "config.extract.k: expected an integer >= 1"),
+    (["--config.extract.k=60000"], "config.extract.k: expected <= the vocabulary size"),
+    (["--config.distill.lr=-1e-3"], "config.distill.lr: expected a positive learning rate"),
+    (["--config.finetune.lr=0"], "config.finetune.lr: expected a positive learning rate"),
+    (["--config.mesh.data=3"], "config.mesh: expected data*fsdp*tensor == 8 devices"),
+    (["--config.mesh.tensor=3"], "config.mesh: expected sizes whose product divides"),
+    (["--config.distill.tail=sideways"], "config.distill.tail: expected bucket or renormalize"),
+    (["--config.tokenizer=/no/such/tokenizer"], "config.tokenizer: expected an existing"),
+    (["--config.teacher.init=pretrained", "--config.teacher.path=/no/such.gguf"],
+     "config.teacher.path: expected an existing"),
+])
+def test_bad_values_name_the_key(args, needle):
+  with pytest.raises(UserError, match=None) as e:
+    config_lib.load(["--config", SMOKE] + args)
+  assert needle in str(e.value), str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_config_file():
+  with pytest.raises(UserError, match="file not found"):
+    config_lib.load(["--config", "/no/such/config.py"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config.nonexistent=1"], "nonexistent"),
+    (["--config.extract.k=abc"], "config.extract.k: expected int"),
+])
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
+  workdir = tmp_path / "wd"
+  proc = subprocess.run(
+      [sys.executable, "-m", "first_jax.train", "--config", SMOKE,
+       f"--config.workdir={workdir}"] + args,
+      capture_output=True, text=True, cwd=tmp_path, timeout=120,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 2, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and needle in errors[0], proc.stderr
+  assert not workdir.exists()
+
+
+def test_cli_missing_config_file_exits_2(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "first_jax.train", "--config", "missing.py"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  assert proc.returncode == 2 and "missing.py: file not found" in proc.stderr
