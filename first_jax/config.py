@@ -249,6 +249,7 @@ def base() -> ml_collections.ConfigDict:
       temperature="calibrated",  # calibrated (from the store manifest) | search (online) | a number
       temperature_mode="prob_softmax",  # prob_softmax (paper) | log_space
       temperature_ema=0.9,  # smoothing of the in-step searched temperature (online search)
+      label_smoothing=0.1,  # of the sft_ls student baseline
   ))
   c.extract = ml_collections.ConfigDict(dict(
       k=5, logprob_dtype="float16", batch_size=16, shard_size=256))

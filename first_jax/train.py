@@ -1,9 +1,155 @@
-"""Distillation stage placeholder (filled by the pipeline issue)."""
-from first_jax import cli
+"""Stage 3: train the student variants listed in `config.students`, all through one trainer.
+
+  sft        cross-entropy on the answers (the fine-tuned student baseline)
+  sft_ls     cross-entropy with label smoothing `distill.label_smoothing`
+  kd         top-k KD on the teacher's raw top-k (no temperature): plain distillation
+  first      FIRST: top-k KD on the teacher's top-k re-scaled by the calibrated temperature
+  full_kd    full-vocabulary KD from the teacher running inside the step (reference)
+`kd` and `first` take optional suffixes overriding the scaling mode and tail handling, e.g.
+`first-log_space`, `first-renormalize`, `kd-renormalize`. With `distill.mode = online` the
+teacher runs inside the jitted step (forward under stop_gradient, top-k, optional in-step ECE
+temperature search, rescale and KL in one XLA program) instead of reading the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from first_jax import cli, models, sharding, step, store, trainer, workspace
+from first_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+_MODES = ("prob_softmax", "log_space")
+_TAILS = ("bucket", "renormalize")
 
 
-def run(cfg):
-  raise NotImplementedError
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  spec: step.LossSpec
+  needs_teacher: bool  # reads the store (offline) or runs the teacher (online)
+
+
+def parse_variant(name: str, cfg) -> Variant:
+  """A student variant name -> its loss (see the module docstring)."""
+  base, *mods = name.split("-")
+  d = cfg.distill
+  mode, tail = d.temperature_mode, d.tail
+  for m in mods:
+    if m in _MODES:
+      mode = m
+    elif m in _TAILS:
+      tail = m
+    else:
+      raise UserError(f"config.students: unknown modifier {m!r} in {name!r} "
+                      f"(expected one of {_MODES + _TAILS})")
+  online = d.mode == "online"
+  kd = dict(kind="topk_kd", k=cfg.extract.k, tail=tail, direction=d.direction, online=online,
+            num_bins=cfg.calibrate.num_bins)
+  if base == "sft" and not mods:
+    return Variant(name, step.LossSpec(kind="ce"), False)
+  if base == "sft_ls" and not mods:
+    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing), False)
+  if base == "kd":
+    return Variant(name, step.LossSpec(temperature_mode=None, **kd), True)
+  if base == "first":
+    search = d.temperature == "search"
+    if search and not online:
+      raise UserError("config.distill.temperature: 'search' runs inside the online step; set "
+                      "distill.mode=online or use 'calibrated' / a number")
+    return Variant(name, step.LossSpec(temperature_mode=mode, search=search,
+                                       ema=d.temperature_ema, **kd), True)
+  if base == "full_kd" and not mods:
+    return Variant(name, step.LossSpec(kind="full_kd", online=True), True)
+  raise UserError(f"config.students: unknown student variant {name!r} "
+                  f"(expected sft, sft_ls, kd[-mods], first[-mods], full_kd)")
+
+
+def teacher_temperature(cfg, spec: step.LossSpec, reader: store.StoreReader | None) -> float:
+  """The fixed temperature of a FIRST run (calibrated, or a number from the config)."""
+  if spec.kind != "topk_kd" or spec.temperature_mode is None or spec.search:
+    return 1.0
+  t = cfg.distill.temperature
+  if t != "calibrated":
+    try:
+      return float(t)
+    except ValueError:
+      raise UserError(f"config.distill.temperature: expected calibrated, search or a number, "
+                      f"got {t!r}") from None
+  calib = reader.calibration if reader is not None else None
+  if not calib:
+    raise UserError(f"{workspace.folder(cfg, 'store')}: no calibration in the store manifest "
+                    f"(run first_jax.calibrate first)")
+  return float(calib["curves"][spec.temperature_mode]["best_t"])
+
+
+def store_targets(reader: store.StoreReader):
+  """Adds the teacher's stored top-k to a host batch, checking it is the same data."""
+  def add(batch: dict) -> dict:
+    rec = reader.read(batch["example_id"])
+    if not np.array_equal(rec["token_ids"], batch["input_ids"]):
+      raise UserError("store: token ids differ from the data batch (store built from other "
+                      "data; re-run extract into a new store)")
+    return {**batch, "teacher_ids": rec["ids"], "teacher_logprobs": rec["logprobs"],
+            "teacher_tail": rec["tail_logmass"]}
+  return add
+
+
+def variant_fingerprint(cfg, variant: Variant) -> str:
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.student, cfg.distill,
+                               cfg.extract.k, dataclasses.asdict(variant.spec))
+
+
+def train_variant(cfg, variant: Variant, tok, data) -> str:
+  out = workspace.folder(cfg, "students", variant.name)
+  fp = variant_fingerprint(cfg, variant)
+  if workspace.is_done(out, fp):
+    log.info("train %s: done already", variant.name)
+    return out
+  mesh = workspace.mesh(cfg)
+  spec = variant.spec
+  reader = teacher = None
+  if variant.needs_teacher and not spec.online:
+    reader = store.StoreReader(workspace.folder(cfg, "store"))
+  if spec.online:
+    teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"))
+  t = teacher_temperature(cfg, spec, reader if reader is not None else _maybe_reader(cfg))
+  log.info("train %s: %s, teacher temperature %s", variant.name, spec,
+           "searched in-step" if spec.search else f"{t:.4g}")
+  student = workspace.init_model(cfg, "student", tok)
+  params = trainer.train_model(
+      name=f"train/{variant.name}", folder=out, module=student.module, params=student.params,
+      arrays=data.splits["train"], spec=spec, optim=cfg.distill, seed=cfg.seed, mesh=mesh,
+      batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
+      every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+      log_every=cfg.log_every_steps,
+      teacher_module=teacher.module if teacher is not None else None,
+      teacher_params=teacher.params if teacher is not None else None,
+      add_targets=store_targets(reader) if reader is not None else None,
+      initial_temperature=t)
+  workspace.export(student.with_params(params), tok, os.path.join(out, "export"))
+  workspace.mark_done(out, fp, temperature=t)
+  return out
+
+
+def _maybe_reader(cfg) -> store.StoreReader | None:
+  path = workspace.folder(cfg, "store")
+  return store.StoreReader(path, verify=False) if os.path.exists(
+      os.path.join(path, store.MANIFEST)) else None
+
+
+def run_checks(cfg) -> list[Variant]:
+  return [parse_variant(name, cfg) for name in cfg.students]
+
+
+def run(cfg) -> list[str]:
+  variants = run_checks(cfg)  # all checked before any work
+  tok = workspace.tokenizer(cfg)
+  data = workspace.load_data(cfg, tok)
+  return [train_variant(cfg, v, tok, data) for v in variants]
 
 
 if __name__ == "__main__":

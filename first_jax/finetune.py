@@ -1,0 +1,43 @@
+"""Stage 0: supervised fine-tuning of the teacher (cross-entropy, optional label smoothing).
+
+Writes workdir/teacher/{checkpoints, metrics.jsonl, export/}; the export (HF format) is the
+fine-tuned teacher every later stage loads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from first_jax import cli, models, sharding, step, trainer, workspace
+
+log = logging.getLogger(__name__)
+
+
+def stage_fingerprint(cfg) -> str:
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.teacher, cfg.finetune)
+
+
+def run(cfg) -> str:
+  out = workspace.folder(cfg, "teacher")
+  fp = stage_fingerprint(cfg)
+  if workspace.is_done(out, fp):
+    log.info("finetune: done already (%s)", out)
+    return out
+  tok = workspace.tokenizer(cfg)
+  data = workspace.load_data(cfg, tok)
+  model = workspace.init_model(cfg, "teacher", tok)
+  mesh = workspace.mesh(cfg)
+  spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing)
+  params = trainer.train_model(
+      name="finetune", folder=out, module=model.module, params=model.params,
+      arrays=data.splits["train"], spec=spec, optim=cfg.finetune, seed=cfg.seed, mesh=mesh,
+      batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
+      every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+      log_every=cfg.log_every_steps)
+  workspace.export(model.with_params(params), tok, os.path.join(out, "export"))
+  workspace.mark_done(out, fp)
+  return out
+
+
+if __name__ == "__main__":
+  raise SystemExit(cli.stage_main(run))

@@ -1,0 +1,177 @@
+"""Pure train and eval steps: arrays in, arrays out; the driver jits them once.
+
+    train_step(state, batch, teacher_params) -> (state, metrics)
+
+One step function serves every training stage; `LossSpec` (static, hashable) picks the loss:
+  ce       cross-entropy on the batch targets (+ label smoothing)         [fine-tuning, SFT]
+  topk_kd  KL to the teacher's top-k, targets either in the batch (offline, from the store) or
+           made here from the teacher's logits (online: teacher forward under stop_gradient,
+           top-k, optional in-step ECE temperature search, rescale, KL: one XLA program)
+  full_kd  full-vocabulary KL to an online teacher at temperature T        [reference baseline]
+Metrics are (sum, count) pairs so that averages over steps and hosts are token-weighted.
+
+Batch keys (first_jax.data): input_ids_BxL, attention_mask_BxL, targets_BxL, loss_mask_BxL, and
+for offline KD teacher_ids_BxLxK, teacher_logprobs_BxLxK, teacher_tail_BxL.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from first_jax import losses, temperature, topk
+
+Apply = Callable[..., jax.Array]  # (params, input_ids_BxL, attention_mask_BxL) -> logits_BxLxV
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  temperature: jax.Array  # teacher temperature in use (EMA of the in-step search when searching)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static loss hyper-parameters (part of the compiled program)."""
+  kind: str = "ce"  # ce | topk_kd | full_kd
+  label_smoothing: float = 0.0
+  k: int = 5
+  tail: str = "bucket"  # bucket | renormalize
+  direction: str = "forward"  # forward | reverse | jsd
+  temperature_mode: str | None = "prob_softmax"  # None: targets used as they are (plain KD)
+  search: bool = False  # online only: ECE search on this batch's token events, EMA over steps
+  ema: float = 0.9
+  num_bins: int = 10
+  online: bool = False
+
+
+def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_decay: float,
+                   clip_norm: float, b1: float, b2: float, eps: float,
+                   grad_accum: int = 1) -> optax.GradientTransformation:
+  """AdamW, linear warmup + cosine decay, global-norm clipping, optional accumulation."""
+  updates = max(1, total_steps // max(1, grad_accum))
+  warmup = int(round(warmup_ratio * updates))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(updates, warmup + 1), end_value=0.0)
+  tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                   optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int,
+               initial_temperature: float = 1.0) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    temperature=jnp.asarray(initial_temperature, jnp.float32))
+
+
+def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int) -> dict[str, jax.Array]:
+  """The teacher's concentrated knowledge: top-k log-probs, ids and tail log-mass."""
+  logprobs_BxLxK, ids_BxLxK, tail_BxL = topk.extract(teacher_logits_BxLxV, k)
+  return {"teacher_logprobs": logprobs_BxLxK, "teacher_ids": ids_BxLxK, "teacher_tail": tail_BxL}
+
+
+def searched_temperature(targets: dict[str, jax.Array], batch: dict[str, jax.Array],
+                         spec: LossSpec) -> jax.Array:
+  """ECE-minimising temperature on this batch: teacher top-1 vs the actual next token."""
+  k = targets["teacher_ids"].shape[-1]
+  result = temperature.search(
+      targets["teacher_logprobs"].reshape(-1, k), targets["teacher_ids"].reshape(-1, k),
+      batch["targets"].reshape(-1), mode=spec.temperature_mode, num_bins=spec.num_bins,
+      weights_N=batch["loss_mask"].reshape(-1).astype(jnp.float32),
+      tail_logmass_N=targets["teacher_tail"].reshape(-1) if spec.tail == "bucket" else None)
+  return result.best_t
+
+
+def kd_loss_parts(student_logits_BxLxV: jax.Array, targets: dict[str, jax.Array],
+                  mask_BxL: jax.Array, t: jax.Array, spec: LossSpec) -> tuple[jax.Array, jax.Array]:
+  """Rescale the teacher's top-k with temperature t (unless plain KD), then top-k KL."""
+  logprobs_BxLxK = targets["teacher_logprobs"].astype(jnp.float32)
+  tail_BxL = targets["teacher_tail"].astype(jnp.float32) if spec.tail == "bucket" else None
+  if spec.temperature_mode is not None:
+    scaled = temperature.rescale(logprobs_BxLxK, t, spec.temperature_mode, tail_BxL)
+    if tail_BxL is not None:
+      logprobs_BxLxK, tail_BxL = scaled[..., :-1], scaled[..., -1]
+    else:
+      logprobs_BxLxK = scaled
+  return losses.topk_kd(student_logits_BxLxV, targets["teacher_ids"], logprobs_BxLxK, mask_BxL,
+                        tail=spec.tail, direction=spec.direction,
+                        teacher_tail_logmass_BxL=tail_BxL)
+
+
+def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
+            teacher_params: Any, *, student_apply: Apply, teacher_apply: Apply | None,
+            spec: LossSpec) -> tuple[jax.Array, tuple[dict, jax.Array]]:
+  """Token-mean loss, with (sum, count) metrics and the temperature used."""
+  mask_BxL = batch["loss_mask"].astype(jnp.float32)
+  logits_BxLxV = student_apply(student_params, batch["input_ids"], batch["attention_mask"])
+  t = state.temperature
+  if spec.kind == "ce":
+    loss_sum, count = losses.cross_entropy(logits_BxLxV, batch["targets"], mask_BxL,
+                                           label_smoothing=spec.label_smoothing)
+  else:
+    teacher_logits = None
+    if spec.online:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_apply(teacher_params, batch["input_ids"], batch["attention_mask"]))
+    if spec.kind == "full_kd":
+      loss_sum, count = losses.full_kd(logits_BxLxV, teacher_logits, mask_BxL,
+                                       temperature=t, scale_by_t2=True)
+    else:
+      targets = teacher_topk(teacher_logits, spec.k) if spec.online else batch
+      if spec.search:
+        best_t = searched_temperature(targets, batch, spec)
+        t = jnp.where(state.step == 0, best_t, spec.ema * t + (1.0 - spec.ema) * best_t)
+      loss_sum, count = kd_loss_parts(logits_BxLxV, targets, mask_BxL, t, spec)
+  loss = loss_sum / jnp.maximum(count, 1.0)
+  metrics = {"loss": (loss_sum, count), "temperature": (t, jnp.ones(()))}
+  return loss, (metrics, t)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+               student_apply: Apply, teacher_apply: Apply | None, spec: LossSpec,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimizer update of the student; the teacher (if any) only runs forward."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (metrics, t)), grads = grad_fn(state.params, state, batch, teacher_params,
+                                     student_apply=student_apply, teacher_apply=teacher_apply,
+                                     spec=spec)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = (optax.global_norm(grads), jnp.ones(()))
+  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                            temperature=t.astype(jnp.float32))
+  return new_state, metrics
+
+
+def answer_scores(params: Any, batch: dict[str, jax.Array], *, hidden_apply: Apply,
+                  head_apply: Callable[[Any, jax.Array], jax.Array]) -> dict[str, jax.Array]:
+  """Log-probabilities at each example's answer position, the output head run there only.
+
+  Returns top1_id_B, top1_logprob_B (over the full vocabulary) and choice_logprobs_BxC (full-
+  vocabulary log-probs of the choice letters; -inf where the choice id is padding -1).
+  """
+  h_BxLxD = hidden_apply(params, batch["input_ids"], batch["attention_mask"])
+  h_BxD = jnp.take_along_axis(h_BxLxD, batch["answer_pos"][:, None, None], axis=1)[:, 0]
+  logits_BxV = head_apply(params, h_BxD).astype(jnp.float32)
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  choice_ids_BxC = batch["choice_ids"]
+  choice_BxC = jnp.take_along_axis(logprobs_BxV, jnp.maximum(choice_ids_BxC, 0), axis=-1)
+  choice_BxC = jnp.where(choice_ids_BxC >= 0, choice_BxC, -jnp.inf)
+  return {"top1_id": jnp.argmax(logprobs_BxV, axis=-1).astype(jnp.int32),
+          "top1_logprob": jnp.max(logprobs_BxV, axis=-1), "choice_logprobs": choice_BxC}
+
+
+def teacher_topk_step(params: Any, batch: dict[str, jax.Array], *, apply: Apply,
+                      k: int) -> dict[str, jax.Array]:
+  """Extraction: teacher forward and top-k in one program (the logits never leave the device)."""
+  return teacher_topk(apply(params, batch["input_ids"], batch["attention_mask"]), k)

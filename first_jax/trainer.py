@@ -1,0 +1,171 @@
+"""The one training loop: data -> jitted step -> metrics -> checkpoint, resumable.
+
+Every training stage (teacher fine-tuning, student SFT, distillation) runs through `fit`.
+Metrics are (sum, count) pairs reduced on the host one step late, so the host never waits on
+the device; they go to a JSONL file, TensorBoard event files and the progress bar.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from first_jax import checkpoint as ckpt_lib
+from first_jax import log as log_lib
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[Any, dict, Any], tuple[Any, dict]]
+
+
+class MetricsWriter:
+  """Appends interval means to metrics.jsonl and TensorBoard event files under `folder`."""
+
+  def __init__(self, folder: str):
+    os.makedirs(folder, exist_ok=True)
+    self._jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(folder, "tensorboard"))
+    except ImportError:  # optional: JSONL is the record
+      self._tb = None
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in scalars.items():
+        self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class _Accumulator:
+  """Sums (sum, count) metric pairs over a logging interval."""
+
+  def __init__(self):
+    self.sums: dict[str, list[float]] = {}
+
+  def add(self, metrics: dict) -> None:
+    for name, (total, count) in jax.device_get(metrics).items():
+      s = self.sums.setdefault(name, [0.0, 0.0])
+      s[0] += float(total)
+      s[1] += float(count)
+
+  def means(self, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}/{n}": s / max(c, 1e-9) for n, (s, c) in self.sums.items()}
+    self.sums = {}
+    return out
+
+
+def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
+        total_steps: int, put_batch: Callable[[dict], dict], teacher_params: Any = None,
+        resume: bool = True, every_steps: int = 50, keep: int = 2,
+        log_every: int = 10) -> Any:
+  """Runs `step_fn` until `total_steps`, checkpointing (state, data position) as it goes.
+
+  Args:
+    name: metric prefix (e.g. "finetune", "distill").
+    folder: the run's folder (checkpoints/, metrics.jsonl, tensorboard/).
+    state: the initial train state (already placed with its shardings).
+    step_fn: jitted `(state, batch, teacher_params) -> (state, metrics)`.
+    batches: iterator of host batches with `state()` / `restore(dict)` (first_jax.data).
+    total_steps: steps of the whole run (a resumed run continues up to it).
+    put_batch: host batch -> device batch (adds store targets, shards over the mesh).
+  """
+  ckpt = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"), keep=keep)
+  start = 0
+  if resume and ckpt.latest_step() is not None:
+    state, data_state, start = ckpt.restore(ckpt_lib.abstract_like(state))
+    batches.restore(data_state)
+    log.info("%s: resuming at step %d of %d", name, start, total_steps)
+  writer = MetricsWriter(folder)
+  acc, pending, last_loss = _Accumulator(), None, None
+  bar = log_lib.progress(range(start, total_steps), desc=name, total=total_steps, initial=start)
+  t0 = time.time()
+  it: Iterator[dict] = iter(batches)
+  for step in bar:
+    batch = put_batch(next(it))
+    state, metrics = step_fn(state, batch, teacher_params)
+    if pending is not None:  # fetch one step late: the device is already on the next step
+      acc.add(pending)
+    pending = metrics
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      acc.add(pending)
+      pending = None
+      scalars = acc.means(name)
+      scalars[f"{name}/steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
+      writer.write(done, scalars)
+      last_loss = scalars.get(f"{name}/loss")
+      bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "?")
+    if done % every_steps == 0 or done == total_steps:
+      ckpt.save(done, state, batches.state(), loss=last_loss, force=done == total_steps)
+  if pending is not None:
+    acc.add(pending)
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def tree_num_bytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def model_applies(module) -> tuple[Callable, Callable, Callable]:
+  """(logits, hidden, head) functions of params for a first_jax.models.Decoder."""
+  def apply(params, input_ids_BxL, attention_mask_BxL):
+    return module.apply({"params": params}, input_ids_BxL, attention_mask_BxL)
+
+  def hidden(params, input_ids_BxL, attention_mask_BxL):
+    return module.apply({"params": params}, input_ids_BxL, attention_mask_BxL,
+                        method=module.hidden)
+
+  def head(params, h_xD):
+    return module.apply({"params": params}, h_xD, method=module.logits_from_hidden)
+  return apply, hidden, head
+
+
+def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, spec,
+                optim, seed: int, mesh, batch_sharding, resume: bool, every_steps: int,
+                keep: int, log_every: int, teacher_module=None, teacher_params: Any = None,
+                add_targets: Callable[[dict], dict] | None = None,
+                initial_temperature: float = 1.0) -> Any:
+  """Builds optimizer, state and the jitted step for one run, then `fit`s it. Returns params."""
+  import functools
+  from first_jax import data as data_lib
+  from first_jax import step as step_lib
+
+  batches = data_lib.BatchIterator(arrays, optim.batch_size, seed=seed, shuffle=True,
+                                   drop_remainder=True)
+  steps_per_epoch = len(arrays["input_ids"]) // optim.batch_size
+  total = max(1, steps_per_epoch * optim.epochs)
+  tx = step_lib.make_optimizer(lr=optim.lr, total_steps=total, warmup_ratio=optim.warmup_ratio,
+                               weight_decay=optim.weight_decay, clip_norm=optim.clip_norm,
+                               b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                               grad_accum=optim.grad_accum)
+  state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
+                                    initial_temperature=initial_temperature))(params)
+  apply = model_applies(module)[0]
+  teacher_apply = model_applies(teacher_module)[0] if teacher_module is not None else None
+  step_fn = jax.jit(functools.partial(step_lib.train_step, student_apply=apply,
+                                      teacher_apply=teacher_apply, spec=spec, tx=tx),
+                    donate_argnums=0)
+
+  def put_batch(batch: dict) -> dict:
+    if add_targets is not None:
+      batch = add_targets(batch)
+    return jax.device_put({k: v for k, v in batch.items() if k != "example_id"}, batch_sharding)
+
+  state = fit(name=name, folder=folder, state=state, step_fn=step_fn, batches=batches,
+              total_steps=total, put_batch=put_batch, teacher_params=teacher_params,
+              resume=resume, every_steps=every_steps, keep=keep, log_every=log_every)
+  return state.params

@@ -1,0 +1,173 @@
+"""What a config resolves to: the workdir layout, the mesh, tokenizer, data and models.
+
+    workdir/
+      data/split.json             split record (indices + hashes per split), data fingerprint
+      teacher/                    fine-tuning run (checkpoints/, metrics.jsonl) + export/ (HF)
+      store/                      top-k store (manifest.json, shards) + calibration.png
+      students/<variant>/         one training run per student variant + export/
+      eval/                       results.json, results.md, reliability PNGs
+Each stage folder gets a done.json holding the fingerprint of the config it ran with, so the
+pipeline skips stages that are done and re-runs those whose inputs changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from first_jax import assets, data, io_util, sharding, tokenizer as tokenizer_lib
+from first_jax import models
+from first_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def folder(cfg: ml_collections.ConfigDict, *parts: str) -> str:
+  return os.path.join(os.path.abspath(cfg.workdir), *parts)
+
+
+def fingerprint(*blocks: Any) -> str:
+  """sha256 of config blocks (ConfigDicts or plain values), for done-markers."""
+  def plain(x):
+    return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else x
+  text = json.dumps([plain(b) for b in blocks], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_done(path: str, fp: str) -> bool:
+  marker = os.path.join(path, "done.json")
+  if not os.path.exists(marker):
+    return False
+  with open(marker) as f:
+    return json.load(f).get("fingerprint") == fp
+
+
+def mark_done(path: str, fp: str, **info: Any) -> None:
+  io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(data_axis: int, fsdp: int, tensor: int):
+  n = jax.device_count()
+  sizes = [data_axis, fsdp, tensor]
+  if -1 in sizes:
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    sizes[sizes.index(-1)] = n // fixed
+  return sharding.make_mesh(*sizes)
+
+
+def mesh(cfg: ml_collections.ConfigDict):
+  return _mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+
+# ----------------------------------------------------------------------------- tokenizer/data
+
+
+def tokenizer(cfg: ml_collections.ConfigDict):
+  name = cfg.tokenizer
+  if name == "smollm2":
+    name = str(assets.fetch("smollm2"))
+  return tokenizer_lib.load(name)
+
+
+@dataclasses.dataclass
+class Data:
+  splits: dict[str, dict[str, np.ndarray]]  # train / validation / test arrays (first_jax.data)
+  ood: dict[str, dict[str, np.ndarray]]  # out-of-domain task -> test arrays
+  fingerprint: str  # of the in-domain examples, tokenizer and shapes
+  num_choices: int
+
+
+def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
+  d = cfg.data
+  if d.source == "synthetic":
+    return data.synthetic_mcqa(d.synthetic_size, seed=cfg.seed)
+  if d.source == "bigbench":
+    path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
+    return data.load_bigbench(path)
+  raise UserError(f"config.data.source: expected synthetic or bigbench, got {d.source!r}")
+
+
+def _subsample(examples: list, n: int, seed: int) -> list:
+  if not n or n >= len(examples):
+    return examples
+  idx = np.random.default_rng(seed).permutation(len(examples))[:n]
+  return [examples[i] for i in sorted(idx)]
+
+
+def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
+  """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
+  d = cfg.data
+  examples = _subsample(_load_examples(cfg, d.task), d.num_examples, cfg.seed)
+  splits, record = data.split_examples(
+      examples, {"validation": d.validation, "test": d.test}, seed=cfg.seed)
+  num_choices = max(len(ex.choices) for ex in examples)
+  encode = functools.partial(data.encode_mc, tok=tok, max_len=d.max_len, loss_on=d.loss_on,
+                             use_chat_template=d.use_chat_template, num_choices=num_choices)
+  arrays = {name: encode(exs) for name, exs in splits.items()}
+  ood = {}
+  for task in d.ood_tasks:
+    ood_examples = _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
+    ood[task] = encode(ood_examples)
+  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, d.loss_on)
+  data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
+  return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _source_path(path: str) -> str:
+  return str(assets.fetch(path)) if path in ("smollm2",) else path
+
+
+def model_config(block: ml_collections.ConfigDict, prefix: str) -> models.ModelConfig:
+  return models.ModelConfig.from_dict(block.model.to_dict(), prefix=f"{prefix}.model")
+
+
+def init_model(cfg: ml_collections.ConfigDict, who: str, tok) -> models.Model:
+  """The pre-trained (or random) starting point of the teacher or student."""
+  block = cfg[who]
+  m = mesh(cfg)
+  if block.init == "random":
+    mc = model_config(block, who)
+    if mc.vocab_size < len(tok):
+      raise UserError(f"config.{who}.model.vocab_size: expected >= the tokenizer's {len(tok)}, "
+                      f"got {mc.vocab_size}")
+    seed = cfg.seed + (0 if who == "teacher" else 1)
+    return models.init_random(mc, mesh=m, seed=seed)
+  source = block.path if who == "teacher" or block.init == "pretrained" else cfg.teacher.path
+  model = models.load_pretrained(_source_path(source), mesh=m,
+                                 dtype=block.model.param_dtype)
+  if block.init == "layer_subset":
+    if not block.layers:
+      raise UserError(f"config.{who}.layers: expected teacher layer indices for layer_subset")
+    model = models.layer_subset(model, list(block.layers), mesh=m)
+  return model
+
+
+def load_export(cfg: ml_collections.ConfigDict, stage_folder: str) -> models.Model:
+  path = os.path.join(stage_folder, "export")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise UserError(f"{path}: no exported model (run the stage that writes it first)")
+  return models.load_pretrained(path, mesh=mesh(cfg))
+
+
+def export(model: models.Model, tok, path: str) -> None:
+  """HF-format model (config.json + model.safetensors) plus its tokenizer, for serving."""
+  models.save_pretrained(model, path)
+  tok.save_pretrained(path)
