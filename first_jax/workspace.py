@@ -114,7 +114,8 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   d = cfg.data
   examples = _subsample(_load_examples(cfg, d.task), d.num_examples, cfg.seed)
   splits, record = data.split_examples(
-      examples, {"validation": d.validation, "test": d.test}, seed=cfg.seed)
+      examples, {"train": 1.0 - d.validation - d.test, "validation": d.validation,
+                 "test": d.test}, seed=cfg.seed)
   num_choices = max(len(ex.choices) for ex in examples)
   encode = functools.partial(data.encode_mc, tok=tok, max_len=d.max_len, loss_on=d.loss_on,
                              use_chat_template=d.use_chat_template, num_choices=num_choices)

@@ -1,0 +1,572 @@
+"""Task sources -> prompt/response text -> tokenized, fixed-shape NumPy batches.
+
+Shape letters: N examples, L sequence length, C choices, B batch (docs/design.md).
+
+Flow: `load_bigbench` / `load_hf` / `load_jsonl_instructions` / `synthetic_mcqa` give examples;
+`split_examples` makes disjoint, recorded splits; `encode_mc` / `encode_text` give padded arrays
+(prompt and response are tokenized separately and concatenated, so the answer letter is always
+its own token); `BatchIterator` yields resumable batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import string
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from first_jax.errors import UserError
+from first_jax.io_util import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LETTERS = string.ascii_uppercase
+DEFAULT_MC_TEMPLATE = "{input}\n{options}\nAnswer:"
+DEFAULT_TEXT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+LOSS_ON = ("response", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCExample:
+  input: str
+  choices: list[str]
+  label: int
+  source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExample:
+  prompt: str
+  response: str
+
+
+Example = MCExample | TextExample
+
+# ---------------------------------------------------------------------------------- sources
+
+
+def load_bigbench(task_json_path: str | os.PathLike, shuffle_choices_seed: int | None = 0,
+                  use_task_prefix: bool = True) -> list[MCExample]:
+  """BIG-bench task.json -> MCExamples; skips (and logs) examples without one best choice.
+
+  The correct choice is the unique one with the highest score > 0. Many tasks list the correct
+  choice first, so choices are shuffled per example with rng([shuffle_choices_seed, index])
+  (None keeps the file's order). A `task_prefix` is put on its own line before each input.
+  """
+  path = os.fspath(task_json_path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      task = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: expected a readable BIG-bench task.json ({e})") from None
+  if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
+    raise UserError(f"{path}: expected an 'examples' list (for a task with subtasks, use a "
+                    "subtask's task.json)")
+  name = str(task.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))))
+  prefix = str(task.get("task_prefix") or "").strip() if use_task_prefix else ""
+  out, skipped = [], 0
+  for i, ex in enumerate(task["examples"]):
+    scores = ex.get("target_scores") if isinstance(ex, dict) else None
+    if not isinstance(scores, dict) or len(scores) < 2 or "input" not in ex:
+      skipped += 1
+      continue
+    choices, values = [str(c) for c in scores], [float(v) for v in scores.values()]
+    best = max(values)
+    if best <= 0 or values.count(best) != 1:
+      skipped += 1
+      continue
+    label = values.index(best)
+    if shuffle_choices_seed is not None:
+      perm = np.random.default_rng([shuffle_choices_seed, i]).permutation(len(choices))
+      choices, label = [choices[j] for j in perm], int(np.flatnonzero(perm == label)[0])
+    text = f"{prefix}\n{ex['input']}" if prefix else str(ex["input"])
+    out.append(MCExample(text, choices, label, name))
+  if skipped:
+    log.warning("%s: skipped %d of %d examples without exactly one correct choice",
+                path, skipped, len(task["examples"]))
+  return out
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _parse_label(value: Any, choices: Sequence[str], letters: str) -> int:
+  """int (or digit string) -> index; one letter of `letters` -> its index; else a choice's text."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    idx = int(value)
+  elif isinstance(value, str) and value.strip().isdigit():
+    idx = int(value.strip())
+  elif isinstance(value, str) and len(value.strip()) == 1 and value.strip() in letters:
+    idx = letters.index(value.strip())
+  elif isinstance(value, str) and value in choices:
+    idx = list(choices).index(value)
+  else:
+    raise ValueError(f"label {value!r} is neither an index, a letter nor a choice's text")
+  if not 0 <= idx < len(choices):
+    raise ValueError(f"label {value!r} is out of range for {len(choices)} choices")
+  return idx
+
+
+def load_hf(path_or_name: str, split: str, fields: Mapping[str, Any],
+            data_files: str | list[str] | Mapping[str, Any] | None = None, *,
+            name: str | None = None, cache_dir: str | None = None,
+            letters: str = LETTERS) -> list[MCExample]:
+  """A `datasets` dataset -> MCExamples via `fields` = {input: col, choices: col, label: col}.
+
+  `path_or_name`: "json" / "parquet" / "csv" with local `data_files`, a local data file, or a hub
+  name. `choices` is a list column, a {"text": [...]} column, or a list of columns (one per
+  choice). Label rule: an int (or digit string) is an index; a single letter of `letters` is a
+  letter; any other string must equal one choice's text.
+  """
+  import datasets  # Heavy; only needed for this source.
+
+  missing = {"input", "choices", "label"} - set(fields)
+  if missing:
+    raise UserError(f"data.fields: missing {sorted(missing)} (need input, choices, label)")
+  builder = path_or_name
+  if data_files is None and os.path.isfile(path_or_name):
+    builder, data_files = _BUILDERS.get(os.path.splitext(path_or_name)[1], ""), path_or_name
+    if not builder:
+      raise UserError(f"{path_or_name}: expected a .json, .jsonl, .parquet or .csv file")
+  if isinstance(data_files, (str, os.PathLike, list, tuple)):
+    data_files = {split: data_files}  # So any split name works for plain local files.
+  first = (data_files.get(split) or next(iter(data_files.values()), None)) if data_files else None
+  first = first[0] if isinstance(first, (list, tuple)) and first else first
+  source = os.path.basename(os.fspath(first)) if builder in _BUILDERS.values() and first else (
+      path_or_name)
+  try:
+    ds = datasets.load_dataset(builder, name=name, split=split, data_files=data_files,
+                               cache_dir=cache_dir)
+  except Exception as e:  # Anything here is a bad name, file or split given by the user.
+    msg = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(f"{path_or_name}: could not load split {split!r} ({type(e).__name__}: "
+                    f"{msg})") from None
+  ccol = fields["choices"]
+  cols = [fields["input"], fields["label"]] + (list(ccol) if isinstance(ccol, list) else [ccol])
+  for c in cols:
+    if c not in ds.column_names:
+      raise UserError(f"data.fields: column {c!r} not in {path_or_name} (has {ds.column_names})")
+  out = []
+  for i, row in enumerate(ds):
+    choices = [row[c] for c in ccol] if isinstance(ccol, list) else row[ccol]
+    if isinstance(choices, dict):
+      choices = choices.get("text")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+      raise UserError(f"{path_or_name}: row {i}: column {ccol!r}: expected a list of >= 2 choices")
+    choices = [str(c) for c in choices]
+    try:
+      label = _parse_label(row[fields["label"]], choices, letters)
+    except ValueError as e:
+      raise UserError(f"{path_or_name}: row {i}: {e}") from None
+    out.append(MCExample(str(row[fields["input"]]), choices, label, source))
+  return out
+
+
+def load_jsonl_instructions(path: str | os.PathLike, prompt_field: str = "instruction",
+                            input_field: str = "input",
+                            response_field: str = "output") -> list[TextExample]:
+  """Alpaca-style JSONL (or a JSON list) -> TextExample(instruction [+ "\n\n" + input], output)."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: expected JSON lines or a JSON list of records ({e})") from None
+  out = []
+  for i, row in enumerate(rows):
+    if not isinstance(row, dict) or prompt_field not in row or response_field not in row:
+      raise UserError(f"{path}: record {i}: expected fields {prompt_field!r}, {response_field!r}")
+    extra = str(row.get(input_field) or "").strip()
+    prompt = str(row[prompt_field]) + (f"\n\n{extra}" if extra else "")
+    out.append(TextExample(prompt, str(row[response_field])))
+  return out
+
+
+_SYNTH = (("Which number is the largest?", "max"), ("Which of these is the biggest number?", "max"),
+          ("Which number is the smallest?", "min"), ("Pick the lowest number.", "min"),
+          ("Which number is even?", "even"))
+
+
+def synthetic_mcqa(n: int, seed: int, num_choices: int = 4) -> list[MCExample]:
+  """A deterministic, learnable toy MCQA task (largest / smallest / even), labels balanced."""
+  if not 2 <= num_choices <= len(LETTERS):
+    raise UserError(f"data.num_choices: expected 2..{len(LETTERS)}, got {num_choices}")
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.arange(n) % num_choices)
+  out = []
+  for label in labels:
+    question, rule = _SYNTH[rng.integers(len(_SYNTH))]
+    if rule == "even":  # One even number among odd ones; the even one starts at index 0.
+      values = rng.choice(np.arange(1, 100, 2), num_choices, replace=False)
+      values[0], answer = rng.choice(np.arange(2, 100, 2)), 0
+    else:
+      values = rng.choice(np.arange(1, 100), num_choices, replace=False)
+      answer = int(np.argmax(values) if rule == "max" else np.argmin(values))
+    values[[answer, label]] = values[[label, answer]]
+    out.append(MCExample(question, [str(v) for v in values], int(label), "synthetic"))
+  return out
+
+# ------------------------------------------------------------------------------- formatting
+
+
+def _tok_name(tok: Any) -> str:
+  return getattr(tok, "name_or_path", "") or type(tok).__name__
+
+
+def _chat(prompt: str, tok: Any, use_chat_template: bool) -> str:
+  if not use_chat_template:
+    return prompt
+  if tok is None or not getattr(tok, "chat_template", None):
+    raise UserError(f"data.use_chat_template: tokenizer {_tok_name(tok)} has no chat_template")
+  return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                 add_generation_prompt=True)
+
+
+def format_mc(ex: MCExample, template: str = DEFAULT_MC_TEMPLATE, letters: str = LETTERS,
+              answer_prefix: str = " ", tok: Any = None,
+              use_chat_template: bool = False) -> tuple[str, str]:
+  """-> (prompt, response): "{input}\\nA) ..\\nB) ..\\nAnswer:" and " B" (prefix + letter)."""
+  if len(ex.choices) > len(letters):
+    raise UserError(f"data.letters: {len(letters)} letters for an example with "
+                    f"{len(ex.choices)} choices")
+  if not 0 <= ex.label < len(ex.choices):
+    raise UserError(f"data: label {ex.label} out of range for {len(ex.choices)} choices")
+  options = "\n".join(f"{l}) {c}" for l, c in zip(letters, ex.choices))
+  try:
+    prompt = template.format(input=ex.input, options=options)
+  except (KeyError, IndexError, ValueError) as e:
+    raise UserError(f"data.template: expected {{input}} and {{options}} fields ({e})") from None
+  return _chat(prompt, tok, use_chat_template), answer_prefix + letters[ex.label]
+
+
+def format_text(ex: TextExample, template: str = DEFAULT_TEXT_TEMPLATE, tok: Any = None,
+                use_chat_template: bool = False) -> tuple[str, str]:
+  """-> (prompt, response); an empty prompt stays empty (plain text, e.g. loss_on="all")."""
+  if not ex.prompt:
+    return "", ex.response
+  try:
+    prompt = template.format(prompt=ex.prompt)
+  except (KeyError, IndexError, ValueError) as e:
+    raise UserError(f"data.template: expected only a {{prompt}} field ({e})") from None
+  return _chat(prompt, tok, use_chat_template), ex.response
+
+
+def choice_token_ids(tok: Any, num_choices: int, letters: str = LETTERS,
+                     answer_prefix: str = " ") -> np.ndarray:
+  """Token ids of the answers answer_prefix + letter, int32[C]; each must be exactly one token."""
+  if num_choices > len(letters):
+    raise UserError(f"data.letters: {len(letters)} letters for {num_choices} choices")
+  ids = []
+  for letter in letters[:num_choices]:
+    t = tok(answer_prefix + letter, add_special_tokens=False)["input_ids"]
+    if len(t) != 1:
+      raise UserError(f"tokenizer {_tok_name(tok)}: answer {answer_prefix + letter!r} is {len(t)} "
+                      "tokens, expected exactly 1 (change data.letters or data.answer_prefix)")
+    ids.append(t[0])
+  if len(set(ids)) != len(ids):
+    raise UserError(f"tokenizer {_tok_name(tok)}: letters {letters[:num_choices]!r} share ids")
+  return np.asarray(ids, np.int32)
+
+# ------------------------------------------------------------------------------- tokenizing
+
+
+def bucket_len(length: int, buckets: Sequence[int] | None = None) -> int:
+  """Smallest bucket >= length; `buckets=None` means the powers of two from 64 up."""
+  if buckets is None:
+    return max(64, 1 << max(0, length - 1).bit_length())
+  fits = [b for b in buckets if b >= length]
+  if not fits:
+    raise UserError(f"data.buckets: no bucket holds {length} tokens (largest is {max(buckets)})")
+  return min(fits)
+
+
+def _padded_len(longest: int, max_len: int, buckets: Sequence[int] | None) -> int:
+  """One padded length per dataset (one compile): a bucket, capped at max_len; () -> max_len."""
+  if buckets is not None and not buckets:
+    return max_len
+  cands = None if buckets is None else [b for b in buckets if b < max_len] + [max_len]
+  return min(bucket_len(longest, cands), max_len)
+
+
+def _pad_id(tok: Any) -> int:
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  if pad is None:
+    raise UserError(f"tokenizer {_tok_name(tok)}: needs a pad or eos token")
+  return int(pad)
+
+
+def _pack(seqs: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int,
+          loss_on: str) -> dict[str, np.ndarray]:
+  """(prompt ids, response ids) pairs -> right-padded input_ids/attention_mask/targets/loss_mask."""
+  n = len(seqs)
+  ids_NxL = np.full((n, length), pad_id, np.int32)
+  mask_NxL = np.zeros((n, length), np.int32)
+  resp_NxL = np.zeros((n, length), bool)
+  for i, (p, r) in enumerate(seqs):
+    ids_NxL[i, :len(p) + len(r)] = p + r
+    mask_NxL[i, :len(p) + len(r)] = 1
+    resp_NxL[i, len(p):len(p) + len(r)] = True
+  targets_NxL = np.full_like(ids_NxL, pad_id)
+  targets_NxL[:, :-1] = ids_NxL[:, 1:]
+  scored_NxL = resp_NxL if loss_on == "response" else mask_NxL.astype(bool)
+  loss_mask_NxL = np.zeros((n, length), np.float32)
+  loss_mask_NxL[:, :-1] = scored_NxL[:, 1:]  # Position t is scored when token t+1 is.
+  return {"input_ids": ids_NxL, "attention_mask": mask_NxL, "targets": targets_NxL,
+          "loss_mask": loss_mask_NxL, "example_id": np.arange(n, dtype=np.int64)}
+
+
+def _check(examples: Sequence[Any], kind: type, loss_on: str, max_len: int) -> None:
+  if not examples or not all(isinstance(e, kind) for e in examples):
+    raise UserError(f"data: expected a non-empty list of {kind.__name__}")
+  if loss_on not in LOSS_ON:
+    raise UserError(f"data.loss_on: expected one of {LOSS_ON}, got {loss_on!r}")
+  if max_len < 2:
+    raise UserError(f"data.max_len: expected >= 2, got {max_len}")
+
+
+def encode_mc(examples: Sequence[MCExample], tok: Any, max_len: int, loss_on: str = "response",
+              letters: str = LETTERS, *, template: str = DEFAULT_MC_TEMPLATE,
+              answer_prefix: str = " ", use_chat_template: bool = False,
+              num_choices: int | None = None,
+              buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """MCExamples -> input_ids/attention_mask/targets [N, L] int32, loss_mask [N, L] float32,
+  answer_pos [N] int32, choice_ids [N, C] int32 (-1 padded), label [N] int32, example_id [N] int64.
+
+  Sequence = prompt + one answer-letter token, no eos. Too long: the prompt is cut from the LEFT
+  (the options and "Answer:" survive), counted and logged; if the prompt built with an empty input
+  (options, template, chat wrapper) plus the answer does not fit, UserError. L = the smallest
+  bucket holding the longest row, capped at max_len (`buckets=()`: always max_len). C =
+  `num_choices` or the most choices of any example.
+  """
+  _check(examples, MCExample, loss_on, max_len)
+  most = max(len(e.choices) for e in examples)
+  n_c = num_choices or most
+  if most > n_c:
+    raise UserError(f"data.num_choices: {n_c} is fewer than an example's {most} choices")
+  letter_ids = choice_token_ids(tok, n_c, letters, answer_prefix)
+  fmt = dict(template=template, letters=letters, answer_prefix=answer_prefix, tok=tok,
+             use_chat_template=use_chat_template)
+  prompts = [format_mc(e, **fmt)[0] for e in examples]
+  budget, seqs, truncated = max_len - 1, [], 0
+  for i, (e, p) in enumerate(zip(examples, tok(prompts, add_special_tokens=False)["input_ids"])):
+    if len(p) > budget:
+      tail = tok(format_mc(dataclasses.replace(e, input=""), **fmt)[0],
+                 add_special_tokens=False)["input_ids"]
+      if len(tail) > budget:
+        raise UserError(f"data.max_len: {max_len} tokens cannot hold the options and answer of "
+                        f"example {i} ({len(tail) + 1} tokens)")
+      p, truncated = p[-budget:], truncated + 1
+    if not p:
+      raise UserError(f"data.template: example {i} has an empty prompt")
+    seqs.append((list(p), [int(letter_ids[e.label])]))
+  if truncated:
+    log.warning("%d of %d examples: prompt cut from the left to fit max_len=%d",
+                truncated, len(examples), max_len)
+  length = _padded_len(max(len(p) + 1 for p, _ in seqs), max_len, buckets)
+  out = _pack(seqs, length, _pad_id(tok), loss_on)
+  choice_NxC = np.full((len(examples), n_c), -1, np.int32)
+  for i, e in enumerate(examples):
+    choice_NxC[i, :len(e.choices)] = letter_ids[:len(e.choices)]
+  out["answer_pos"] = np.asarray([len(p) - 1 for p, _ in seqs], np.int32)
+  out["choice_ids"] = choice_NxC
+  out["label"] = np.asarray([e.label for e in examples], np.int32)
+  return out
+
+
+def encode_text(examples: Sequence[TextExample], tok: Any, max_len: int,
+                loss_on: str = "response", *, template: str = DEFAULT_TEXT_TEMPLATE,
+                use_chat_template: bool = False, add_eos: bool = True,
+                buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """TextExamples -> input_ids/attention_mask/targets [N, L] int32, loss_mask [N, L] float32,
+  example_id [N] int64. Sequence = prompt + response + eos; "response" scores response + eos.
+
+  Too long: the prompt is cut from the left down to max(max_len - response, max_len // 2)
+  tokens, then the response (with its eos) is cut from the right; counted and logged.
+  """
+  _check(examples, TextExample, loss_on, max_len)
+  eos = [tok.eos_token_id] if add_eos else []
+  if add_eos and tok.eos_token_id is None:
+    raise UserError(f"tokenizer {_tok_name(tok)}: add_eos needs an eos token")
+  pairs = [format_text(e, template, tok, use_chat_template) for e in examples]
+  p_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+  r_ids = tok([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+  seqs, truncated = [], 0
+  for p, r in zip(p_ids, r_ids):
+    p, r = list(p), list(r) + eos
+    if len(p) + len(r) > max_len:
+      keep = max(max_len - len(r), min(len(p), max_len // 2))
+      p = p[len(p) - keep:]
+      r, truncated = r[:max_len - len(p)], truncated + 1
+    seqs.append((p, r))
+  if truncated:
+    log.warning("%d of %d examples truncated to max_len=%d", truncated, len(examples), max_len)
+  length = _padded_len(max(len(p) + len(r) for p, r in seqs), max_len, buckets)
+  return _pack(seqs, length, _pad_id(tok), loss_on)
+
+# ---------------------------------------------------------------------------- splits, hashes
+
+
+def example_sha256(examples: Sequence[Example]) -> str:
+  """sha256 over the canonical JSON of each example, in order."""
+  h = hashlib.sha256()
+  for ex in examples:
+    h.update(json.dumps([type(ex).__name__, dataclasses.asdict(ex)], sort_keys=True,
+                        ensure_ascii=False).encode() + b"\n")
+  return h.hexdigest()
+
+
+def _question(ex: Example) -> str:
+  return ex.input if isinstance(ex, MCExample) else (ex.prompt or ex.response)
+
+
+def split_examples(examples: Sequence[Example], sizes: Mapping[str, float | int],
+                   seed: int) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+  """Deterministic disjoint splits; -> ({name: examples}, record for `save_split_record`).
+
+  `sizes`: all ints (counts) or fractions (sum <= 1; if they sum to 1 the last split takes the
+  rounding remainder). Examples with identical question text form one group, so a question never
+  lands in two splits; groups are dealt, in a rng(seed) permutation, to the splits in the order
+  given until each split holds at least its size. Indices in each split are sorted.
+  """
+  n, vals = len(examples), list(sizes.values())
+  if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in vals):
+    raise UserError(f"data.splits: expected non-negative counts or fractions, got {dict(sizes)}")
+  if any(isinstance(v, float) for v in vals):
+    if sum(vals) > 1 + 1e-9:
+      raise UserError(f"data.splits: fractions sum to {sum(vals)} > 1")
+    counts = [int(math.floor(v * n + 1e-9)) for v in vals]
+    if counts and abs(sum(vals) - 1) < 1e-9:
+      counts[-1] = n - sum(counts[:-1])
+  else:
+    counts = [int(v) for v in vals]
+  if sum(counts) > n:
+    raise UserError(f"data.splits: {sum(counts)} examples asked for, only {n} available")
+  groups: dict[str, list[int]] = {}
+  for i, ex in enumerate(examples):
+    groups.setdefault(_question(ex), []).append(i)
+  group_list = list(groups.values())
+  order = np.random.default_rng(seed).permutation(len(group_list))
+  pos, indices = 0, {}
+  for name, count in zip(sizes, counts):
+    picked: list[int] = []
+    while len(picked) < count and pos < len(order):
+      picked += group_list[order[pos]]
+      pos += 1
+    indices[name] = sorted(picked)
+  if len(group_list) < n:
+    log.info("split: %d repeated questions kept together", n - len(group_list))
+  splits = {k: [examples[i] for i in idx] for k, idx in indices.items()}
+  record = {"seed": seed, "sizes": dict(sizes), "num_examples": n,
+            "examples_sha256": example_sha256(examples),
+            "splits": {k: {"indices": idx, "sha256": example_sha256(splits[k])}
+                       for k, idx in indices.items()}}
+  return splits, record
+
+
+def save_split_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+  atomic_write_json(path, dict(record))
+
+
+def load_split_record(path: str | os.PathLike) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{os.fspath(path)}: expected a split record JSON ({e})") from None
+
+
+def apply_split_record(examples: Sequence[Example],
+                       record: Mapping[str, Any]) -> dict[str, list[Example]]:
+  """Rebuilds saved splits; UserError if the examples changed since the split was made."""
+  if record.get("examples_sha256") != example_sha256(examples):
+    raise UserError("split record: the examples changed since the split was made")
+  return {k: [examples[i] for i in v["indices"]] for k, v in record["splits"].items()}
+
+
+def fingerprint(examples: Sequence[Example], tokenizer_hash: str, max_len: int,
+                **settings: Any) -> str:
+  """sha256 hex of the examples, tokenizer, max_len and any JSON-able encoding settings."""
+  payload = {"examples": example_sha256(examples), "num_examples": len(examples),
+             "tokenizer": tokenizer_hash, "max_len": max_len, "settings": settings}
+  return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+# ---------------------------------------------------------------------------------- batching
+
+
+def num_steps(n: int, batch_size: int, epochs: int, drop_remainder: bool = True) -> int:
+  per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+  return per_epoch * epochs
+
+
+class BatchIterator:
+  """Deterministic, resumable batches: epoch e visits rows in rng([seed, e]).permutation(N).
+
+  Each batch is {key: array[B, ...]} plus `valid` [B] float32 (0 marks padding rows). With
+  drop_remainder=False the last batch of an epoch is padded with copies of its first row.
+  `state()` is the position of the next batch; `restore(state)` continues from it exactly.
+  """
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
+               shuffle: bool = True, drop_remainder: bool = True, num_epochs: int | None = None):
+    sizes = {len(a) for a in arrays.values()}
+    if len(sizes) != 1 or "valid" in arrays:
+      raise UserError("data: arrays must share their leading size and not contain 'valid'")
+    self._arrays, self._n = dict(arrays), sizes.pop()
+    if batch_size < 1 or self._n < 1 or (drop_remainder and self._n < batch_size):
+      raise UserError(f"data.batch_size: {batch_size} does not fit {self._n} examples "
+                      f"(drop_remainder={drop_remainder})")
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+    self.num_epochs = num_epochs
+    self.batches_per_epoch = num_steps(self._n, batch_size, 1, drop_remainder)
+    self._epoch, self._index, self._order = 0, 0, None
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self._epoch, "index": self._index}
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
+      raise UserError(f"data state: {dict(state)} is not a position of this iterator")
+    self._epoch, self._index, self._order = epoch, index, None
+    if index == self.batches_per_epoch:
+      self._epoch, self._index = epoch + 1, 0
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.num_epochs is not None and self._epoch >= self.num_epochs:
+      raise StopIteration
+    if self._order is None:
+      self._order = (np.random.default_rng([self.seed, self._epoch]).permutation(self._n)
+                     if self.shuffle else np.arange(self._n))
+    b = self.batch_size
+    rows = self._order[self._index * b:(self._index + 1) * b]
+    valid_B = np.zeros(b, np.float32)
+    valid_B[:len(rows)] = 1.0
+    rows = np.concatenate([rows, np.full(b - len(rows), rows[0], rows.dtype)])
+    self._index += 1
+    if self._index == self.batches_per_epoch:
+      self._epoch, self._index, self._order = self._epoch + 1, 0, None
+    batch = {k: a[rows] for k, a in self._arrays.items()}
+    batch["valid"] = valid_B
+    return batch
+
+
+def host_slice(arrays: Mapping[str, np.ndarray], host_id: int,
+               num_hosts: int) -> dict[str, np.ndarray]:
+  """This host's contiguous rows of a global batch (every host builds the same global batch)."""
+  out = {}
+  for k, a in arrays.items():
+    if len(a) % num_hosts:
+      raise UserError(f"data.batch_size: {len(a)} rows do not split over {num_hosts} hosts")
+    per = len(a) // num_hosts
+    out[k] = a[host_id * per:(host_id + 1) * per]
+  return out

