@@ -35,7 +35,7 @@ def run(cfg) -> dict:
   reader = store.StoreReader(out, verify=False)  # the store must exist: calibrate follows extract
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
-  teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"))
+  teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   val = data.splits["validation"]
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   fn = extract.topk_fn(teacher.module, k_report)

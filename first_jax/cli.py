@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from first_jax import config as config_lib
-from first_jax import log
+from first_jax import distributed, log
 from first_jax.errors import UserError
 
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate", "pipeline")
@@ -22,6 +22,7 @@ def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None) -> 
   argv = sys.argv[1:] if argv is None else list(argv)
   log.setup()
   try:
+    distributed.initialize()  # before the config: validation counts the global devices
     cfg = config_lib.load(argv)
     run(cfg)
   except UserError as e:

@@ -183,6 +183,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "bucket or renormalize", cfg.distill.tail)
   _require(cfg.distill.mode in ("offline", "online"), "distill.mode", "offline or online",
            cfg.distill.mode)
+  split = cfg.data.validation + cfg.data.test
+  _require(cfg.data.validation > 0 and cfg.data.test > 0 and split < 1, "data.validation",
+           "validation and test fractions > 0 summing to < 1", (cfg.data.validation, cfg.data.test))
   _require(cfg.data.loss_on in ("response", "all"), "data.loss_on", "response or all",
            cfg.data.loss_on)
   if cfg.data.source in ("jsonl", "hf_local") or (cfg.data.source == "bigbench"
@@ -225,6 +228,7 @@ def base() -> ml_collections.ConfigDict:
       max_len=64,  # one padded length, so each step compiles once
       loss_on="response",  # response (text2text) | all (text-only)
       use_chat_template=False,
+      shuffle_choices=True,  # BIG-bench lists the gold choice first; keep False for fixed label sets
       synthetic_size=600,
   ))
   c.teacher = ml_collections.ConfigDict(dict(

@@ -44,7 +44,7 @@ def run(cfg) -> str:
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
   train = data.splits["train"]
-  teacher = workspace.load_export(cfg, teacher_dir)
+  teacher = workspace.load_export(cfg, teacher_dir, "teacher")
   spec = store.StoreSpec(
       k=cfg.extract.k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
       logprob_dtype=cfg.extract.logprob_dtype,

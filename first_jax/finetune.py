@@ -34,7 +34,7 @@ def run(cfg) -> str:
       batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
       every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
       log_every=cfg.log_every_steps)
-  workspace.export(model.with_params(params), tok, os.path.join(out, "export"))
+  workspace.export(workspace.with_params(model, params), tok, os.path.join(out, "export"))
   workspace.mark_done(out, fp)
   return out
 

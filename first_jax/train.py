@@ -115,7 +115,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   if variant.needs_teacher and not spec.online:
     reader = store.StoreReader(workspace.folder(cfg, "store"))
   if spec.online:
-    teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"))
+    teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   t = teacher_temperature(cfg, spec, reader if reader is not None else _maybe_reader(cfg))
   log.info("train %s: %s, teacher temperature %s", variant.name, spec,
            "searched in-step" if spec.search else f"{t:.4g}")
@@ -130,7 +130,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
       teacher_params=teacher.params if teacher is not None else None,
       add_targets=store_targets(reader) if reader is not None else None,
       initial_temperature=t)
-  workspace.export(student.with_params(params), tok, os.path.join(out, "export"))
+  workspace.export(workspace.with_params(student, params), tok, os.path.join(out, "export"))
   workspace.mark_done(out, fp, temperature=t)
   return out
 

@@ -98,7 +98,7 @@ def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
     return data.synthetic_mcqa(d.synthetic_size, seed=cfg.seed)
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
-    return data.load_bigbench(path)
+    return data.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
   raise UserError(f"config.data.source: expected synthetic or bigbench, got {d.source!r}")
 
 
@@ -140,8 +140,16 @@ def model_config(block: ml_collections.ConfigDict, prefix: str) -> models.ModelC
   return models.ModelConfig.from_dict(block.model.to_dict(), prefix=f"{prefix}.model")
 
 
+def with_params(model: models.Model, params: Any) -> models.Model:
+  return models.Model(model.config, params)
+
+
 def init_model(cfg: ml_collections.ConfigDict, who: str, tok) -> models.Model:
-  """The pre-trained (or random) starting point of the teacher or student."""
+  """The pre-trained (or random) starting point of the teacher or student, sharded on the mesh.
+
+  For init=pretrained/layer_subset the architecture comes from the checkpoint; of the `model`
+  block only dtype, param_dtype and remat apply.
+  """
   block = cfg[who]
   m = mesh(cfg)
   if block.init == "random":
@@ -150,22 +158,28 @@ def init_model(cfg: ml_collections.ConfigDict, who: str, tok) -> models.Model:
       raise UserError(f"config.{who}.model.vocab_size: expected >= the tokenizer's {len(tok)}, "
                       f"got {mc.vocab_size}")
     seed = cfg.seed + (0 if who == "teacher" else 1)
-    return models.init_random(mc, mesh=m, seed=seed)
-  source = block.path if who == "teacher" or block.init == "pretrained" else cfg.teacher.path
-  model = models.load_pretrained(_source_path(source), mesh=m,
-                                 dtype=block.model.param_dtype)
+    example = [jax.ShapeDtypeStruct((1, 8), np.int32)]
+    params = sharding.init_sharded(models.Decoder(mc), m, sharding.DEFAULT_RULES,
+                                   jax.random.key(seed), example)
+    return models.Model(mc, params)
+  source = block.path if block.init == "pretrained" else cfg.teacher.path
+  model = models.load_pretrained(_source_path(source), mesh=m, dtype=block.model.dtype,
+                                 param_dtype=block.model.param_dtype, remat=block.model.remat)
   if block.init == "layer_subset":
     if not block.layers:
       raise UserError(f"config.{who}.layers: expected teacher layer indices for layer_subset")
-    model = models.layer_subset(model, list(block.layers), mesh=m)
+    model = models.Model(*models.layer_subset(model.config, model.params, list(block.layers)))
   return model
 
 
-def load_export(cfg: ml_collections.ConfigDict, stage_folder: str) -> models.Model:
+def load_export(cfg: ml_collections.ConfigDict, stage_folder: str,
+                who: str = "student") -> models.Model:
   path = os.path.join(stage_folder, "export")
   if not os.path.exists(os.path.join(path, "config.json")):
     raise UserError(f"{path}: no exported model (run the stage that writes it first)")
-  return models.load_pretrained(path, mesh=mesh(cfg))
+  block = cfg[who].model
+  return models.load_pretrained(path, mesh=mesh(cfg), dtype=block.dtype,
+                                param_dtype=block.param_dtype, remat=block.remat)
 
 
 def export(model: models.Model, tok, path: str) -> None:
