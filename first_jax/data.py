@@ -423,7 +423,11 @@ def example_sha256(examples: Sequence[Example]) -> str:
 
 
 def _question(ex: Example) -> str:
-  return ex.input if isinstance(ex, MCExample) else (ex.prompt or ex.response)
+  """What the model is asked: for MC the input AND its options (one text, other options, is a
+  different question)."""
+  if isinstance(ex, MCExample):
+    return ex.input + "\x00" + "\x00".join(ex.choices)
+  return ex.prompt or ex.response
 
 
 def split_examples(examples: Sequence[Example], sizes: Mapping[str, float | int],

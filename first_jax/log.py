@@ -15,6 +15,10 @@ FORMAT = "%(asctime)s %(levelname).1s %(name)s] %(message)s"
 def setup(level: int = logging.INFO) -> None:
   """Configures the root logger once (idempotent) and quiets chatty libraries."""
   root = logging.getLogger()
+  # Some libraries (orbax) install a root handler at import: one format, one line per record.
+  for h in list(root.handlers):
+    if not getattr(h, "_first_jax", False):
+      root.removeHandler(h)
   if not any(getattr(h, "_first_jax", False) for h in root.handlers):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))

@@ -90,11 +90,11 @@ def store_targets(reader: store.StoreReader):
   """Adds the teacher's stored top-k to a host batch, checking it is the same data."""
   def add(batch: dict) -> dict:
     rec = reader.read(batch["example_id"])
-    if not np.array_equal(rec["token_ids"], batch["input_ids"]):
+    if not np.array_equal(rec["token_ids_NxL"], batch["input_ids"]):
       raise UserError("store: token ids differ from the data batch (store built from other "
                       "data; re-run extract into a new store)")
-    return {**batch, "teacher_ids": rec["ids"], "teacher_logprobs": rec["logprobs"],
-            "teacher_tail": rec["tail_logmass"]}
+    return {**batch, "teacher_ids": rec["ids_NxLxK"], "teacher_logprobs": rec["logprobs_NxLxK"],
+            "teacher_tail": rec["tail_logmass_NxL"]}
   return add
 
 

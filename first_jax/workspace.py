@@ -124,7 +124,8 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   for task in d.ood_tasks:
     ood_examples = _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
     ood[task] = encode(ood_examples)
-  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, d.loss_on)
+  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, loss_on=d.loss_on,
+                        use_chat_template=d.use_chat_template)
   data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
   return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices)
 
