@@ -9,6 +9,7 @@ def get_config(arg: str = ""):
   c.tokenizer = "gpt2"
   c.data.source = "synthetic"
   c.data.synthetic_size = 480
+  c.data.synthetic_kind = "categories"
   c.data.max_len = 48
   c.teacher.model = config_lib.model_block(hidden_size=64, num_layers=2)
   c.student.model = config_lib.model_block(hidden_size=32, intermediate_size=64, num_layers=1,

@@ -192,17 +192,45 @@ def load_jsonl_instructions(path: str | os.PathLike, prompt_field: str = "instru
 _SYNTH = (("Which number is the largest?", "max"), ("Which of these is the biggest number?", "max"),
           ("Which number is the smallest?", "min"), ("Pick the lowest number.", "min"),
           ("Which number is even?", "even"))
+# An easier kind (word categories), which a two-layer model learns in a few hundred steps.
+_CATEGORIES = {
+    "an animal": ("dog", "cat", "horse", "mouse", "tiger", "sheep"),
+    "a color": ("red", "blue", "green", "yellow", "purple", "orange"),
+    "a fruit": ("apple", "banana", "cherry", "grape", "lemon", "peach"),
+    "a country": ("France", "Japan", "Brazil", "Canada", "Egypt", "India"),
+    "a tool": ("hammer", "saw", "drill", "wrench", "shovel", "chisel"),
+}
 
 
-def synthetic_mcqa(n: int, seed: int, num_choices: int = 4) -> list[MCExample]:
-  """A deterministic, learnable toy MCQA task (largest / smallest / even), labels balanced."""
-  if not 2 <= num_choices <= len(LETTERS):
-    raise UserError(f"data.num_choices: expected 2..{len(LETTERS)}, got {num_choices}")
+def _category_example(rng: np.random.Generator, num_choices: int) -> tuple[str, list[str], int]:
+  names = list(_CATEGORIES)
+  picked = rng.choice(len(names), num_choices, replace=False)
+  words = [str(rng.choice(_CATEGORIES[names[i]])) for i in picked]
+  return f"Which one is {names[picked[0]]}?", words, 0
+
+
+def synthetic_mcqa(n: int, seed: int, num_choices: int = 4,
+                   kind: str = "numbers") -> list[MCExample]:
+  """A deterministic, learnable toy MCQA task, labels balanced.
+
+  kind "numbers": largest / smallest / even number; kind "categories": which word is an animal,
+  a color, ... (at most 5 choices).
+  """
+  limit = len(_CATEGORIES) if kind == "categories" else len(LETTERS)
+  if not 2 <= num_choices <= limit:
+    raise UserError(f"data.num_choices: expected 2..{limit}, got {num_choices}")
+  if kind not in ("numbers", "categories"):
+    raise UserError(f"data.synthetic_kind: expected numbers or categories, got {kind!r}")
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.arange(n) % num_choices)
   out = []
   for label in labels:
     question, rule = _SYNTH[rng.integers(len(_SYNTH))]
+    if kind == "categories":
+      question, values, answer = _category_example(rng, num_choices)
+      values[answer], values[label] = values[label], values[answer]
+      out.append(MCExample(question, values, int(label), "synthetic"))
+      continue
     if rule == "even":  # One even number among odd ones; the even one starts at index 0.
       values = rng.choice(np.arange(1, 100, 2), num_choices, replace=False)
       values[0], answer = rng.choice(np.arange(2, 100, 2)), 0

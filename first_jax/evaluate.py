@@ -29,8 +29,7 @@ HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
 
 def score(model, arrays: dict, batch_size: int, batch_sharding) -> dict[str, np.ndarray]:
   """Answer-position scores of `model` on every row of `arrays`."""
-  _, hidden, head = trainer.model_applies(model.module)
-  fn = jax.jit(functools.partial(step.answer_scores, hidden_apply=hidden, head_apply=head))
+  fn = jax.jit(functools.partial(step.answer_scores, apply=trainer.model_apply(model.module)))
   n = len(arrays["input_ids"])
   keys = ("input_ids", "attention_mask", "answer_pos", "choice_ids")
   batches = data_lib.BatchIterator(arrays, batch_size, seed=0, shuffle=False,

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def topk_fn(module, k: int):
-  apply = trainer.model_applies(module)[0]
+  apply = trainer.model_apply(module)
   return jax.jit(functools.partial(step.teacher_topk_step, apply=apply, k=k))
 
 

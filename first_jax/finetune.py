@@ -27,7 +27,8 @@ def run(cfg) -> str:
   data = workspace.load_data(cfg, tok)
   model = workspace.init_model(cfg, "teacher", tok)
   mesh = workspace.mesh(cfg)
-  spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing)
+  spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing,
+                       answer_only=cfg.data.loss_on == "response")
   params = trainer.train_model(
       name="finetune", folder=out, module=model.module, params=model.params,
       arrays=data.splits["train"], spec=spec, optim=cfg.finetune, seed=cfg.seed, mesh=mesh,

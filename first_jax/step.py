@@ -50,6 +50,9 @@ class LossSpec:
   ema: float = 0.9
   num_bins: int = 10
   online: bool = False
+  # MCQA with a response-only loss: every row's loss sits at its answer position, so the output
+  # head (V-wide) runs there only, not at all L positions. Same loss, ~L x cheaper head.
+  answer_only: bool = False
 
 
 def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_decay: float,
@@ -107,12 +110,37 @@ def kd_loss_parts(student_logits_BxLxV: jax.Array, targets: dict[str, jax.Array]
                         teacher_tail_logmass_BxL=tail_BxL)
 
 
+def at_answer(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-position batch entries gathered at each row's answer position (length 1)."""
+  pos_B = batch["answer_pos"]
+  out = dict(batch)
+  for key in ("targets", "loss_mask", "teacher_ids", "teacher_logprobs", "teacher_tail"):
+    if key in batch:
+      x = batch[key]
+      idx = pos_B.reshape((-1, 1) + (1,) * (x.ndim - 2))
+      out[key] = jnp.take_along_axis(x, idx, axis=1)
+  return out
+
+
+def student_logits(params: Any, batch: dict[str, jax.Array], apply: Apply,
+                   spec: LossSpec) -> jax.Array:
+  """logits_BxLxV, or logits_Bx1xV at the answer positions when `spec.answer_only`."""
+  if not spec.answer_only:
+    return apply(params, batch["input_ids"], batch["attention_mask"])
+  h_BxLxD = apply(params, batch["input_ids"], batch["attention_mask"], hidden_only=True)
+  h_Bx1xD = jnp.take_along_axis(h_BxLxD, batch["answer_pos"][:, None, None], axis=1)
+  return apply(params, h_Bx1xD, head_only=True)
+
+
 def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
             teacher_params: Any, *, student_apply: Apply, teacher_apply: Apply | None,
             spec: LossSpec) -> tuple[jax.Array, tuple[dict, jax.Array]]:
   """Token-mean loss, with (sum, count) metrics and the temperature used."""
+  logits_BxLxV = student_logits(student_params, batch, student_apply, spec)
+  full_batch = batch
+  if spec.answer_only:
+    batch = at_answer(batch)
   mask_BxL = batch["loss_mask"].astype(jnp.float32)
-  logits_BxLxV = student_apply(student_params, batch["input_ids"], batch["attention_mask"])
   t = state.temperature
   if spec.kind == "ce":
     loss_sum, count = losses.cross_entropy(logits_BxLxV, batch["targets"], mask_BxL,
@@ -121,7 +149,7 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
     teacher_logits = None
     if spec.online:
       teacher_logits = jax.lax.stop_gradient(
-          teacher_apply(teacher_params, batch["input_ids"], batch["attention_mask"]))
+          student_logits(teacher_params, full_batch, teacher_apply, spec))
     if spec.kind == "full_kd":
       loss_sum, count = losses.full_kd(logits_BxLxV, teacher_logits, mask_BxL,
                                        temperature=t, scale_by_t2=True)
@@ -146,23 +174,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
                                      spec=spec)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = (optax.global_norm(grads), jnp.ones(()))
+  metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones(()))
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                             temperature=t.astype(jnp.float32))
   return new_state, metrics
 
 
-def answer_scores(params: Any, batch: dict[str, jax.Array], *, hidden_apply: Apply,
-                  head_apply: Callable[[Any, jax.Array], jax.Array]) -> dict[str, jax.Array]:
+def answer_scores(params: Any, batch: dict[str, jax.Array], *,
+                  apply: Apply) -> dict[str, jax.Array]:
   """Log-probabilities at each example's answer position, the output head run there only.
 
   Returns top1_id_B, top1_logprob_B (over the full vocabulary) and choice_logprobs_BxC (full-
   vocabulary log-probs of the choice letters; -inf where the choice id is padding -1).
   """
-  h_BxLxD = hidden_apply(params, batch["input_ids"], batch["attention_mask"])
-  h_BxD = jnp.take_along_axis(h_BxLxD, batch["answer_pos"][:, None, None], axis=1)[:, 0]
-  logits_BxV = head_apply(params, h_BxD).astype(jnp.float32)
+  spec = LossSpec(answer_only=True)
+  logits_BxV = student_logits(params, batch, apply, spec)[:, 0].astype(jnp.float32)
   logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   choice_ids_BxC = batch["choice_ids"]
   choice_BxC = jnp.take_along_axis(logprobs_BxV, jnp.maximum(choice_ids_BxC, 0), axis=-1)

@@ -96,7 +96,7 @@ def search(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *,
            num_bins: int = 10, binning: str = "equal_width", grid=None, refine: bool = True,
            refine_points: int = 11, weights_N: jax.Array | None = None,
            tail_logmass_N: jax.Array | None = None) -> SearchResult:
-  """"Trustworthy maximisation": the temperature minimising the teacher's top-1 ECE.
+  """Trustworthy maximisation: the temperature minimising the teacher's top-1 ECE.
 
   Confidence = re-scaled probability of ids[:, 0] (the order is kept by both modes);
   correct = ids[:, 0] == targets. The ECE (and binary NLL / Brier) of every grid temperature is
@@ -146,6 +146,7 @@ def search(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *,
 
 
 class Fit(NamedTuple):
+  """The fitted temperature and the NLL it reaches."""
   t: jax.Array
   nll: jax.Array
 

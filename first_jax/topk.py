@@ -33,7 +33,11 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 
 def log1mexp(x: jax.Array) -> jax.Array:
-  """log(1 - exp(x)) for x <= 0, stable on both sides of -ln 2; TAIL_FLOOR at x >= 0."""
+  """log(1 - exp(x)) for x <= 0, stable on both sides of -ln 2; never -inf or NaN.
+
+  x >= 0 (a mass of 1 up to rounding) gives log(smallest normal) (~ -87 in float32) with zero
+  gradient: the mass left is below what the inputs can resolve.
+  """
   x = jnp.minimum(x, -jnp.finfo(jnp.result_type(x, jnp.float32)).tiny)
   # Where one branch is unused it may be -inf/NaN; the inputs are made safe so that
   # gradients through the chosen branch stay finite.
@@ -148,9 +152,12 @@ def extract_vocab_parallel(logits_xV: jax.Array, k: int, mesh: Mesh, axis_name: 
     cand_ids = cand_ids.reshape(*cand_ids.shape[:-2], n * k)
     vals_xK, pos_xK = jax.lax.top_k(cand_vals, k)
     ids_xK = jnp.take_along_axis(cand_ids, pos_xK, axis=-1)
-    m_x, s_x = _lse_parts(logits_xv)
-    gm_x = jax.lax.pmax(m_x, axis_name)
-    lse_x = gm_x + jnp.log(jax.lax.psum(s_x * jnp.exp(m_x - gm_x), axis_name))
+    # Sum relative to the global max (a shard of all -inf logits must not set the scale).
+    acc = acc_dtype(logits_xv.dtype)
+    gm_x = jax.lax.pmax(jnp.max(logits_xv, axis=-1).astype(acc), axis_name)
+    gm_x = jnp.where(jnp.isfinite(gm_x), gm_x, 0.0)
+    s_x = jnp.sum(jnp.exp(logits_xv.astype(acc) - gm_x[..., None]), axis=-1)
+    lse_x = gm_x + jnp.log(jax.lax.psum(s_x, axis_name))
     capped_x = jax.lax.psum(_capped_sum(logits_xv, vals_xK), axis_name)
     logprobs_xK, tail_x = _finish(vals_xK, lse_x, capped_x)
     return logprobs_xK, ids_xK, tail_x

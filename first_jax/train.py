@@ -47,12 +47,14 @@ def parse_variant(name: str, cfg) -> Variant:
       raise UserError(f"config.students: unknown modifier {m!r} in {name!r} "
                       f"(expected one of {_MODES + _TAILS})")
   online = d.mode == "online"
+  answer_only = cfg.data.loss_on == "response"
   kd = dict(kind="topk_kd", k=cfg.extract.k, tail=tail, direction=d.direction, online=online,
-            num_bins=cfg.calibrate.num_bins)
+            num_bins=cfg.calibrate.num_bins, answer_only=answer_only)
   if base == "sft" and not mods:
-    return Variant(name, step.LossSpec(kind="ce"), False)
+    return Variant(name, step.LossSpec(kind="ce", answer_only=answer_only), False)
   if base == "sft_ls" and not mods:
-    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing), False)
+    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
+                                       answer_only=answer_only), False)
   if base == "kd":
     return Variant(name, step.LossSpec(temperature_mode=None, **kd), True)
   if base == "first":
@@ -63,7 +65,8 @@ def parse_variant(name: str, cfg) -> Variant:
     return Variant(name, step.LossSpec(temperature_mode=mode, search=search,
                                        ema=d.temperature_ema, **kd), True)
   if base == "full_kd" and not mods:
-    return Variant(name, step.LossSpec(kind="full_kd", online=True), True)
+    return Variant(name, step.LossSpec(kind="full_kd", online=True, answer_only=answer_only),
+                   True)
   raise UserError(f"config.students: unknown student variant {name!r} "
                   f"(expected sft, sft_ls, kd[-mods], first[-mods], full_kd)")
 

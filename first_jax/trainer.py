@@ -120,18 +120,17 @@ def tree_num_bytes(tree: Any) -> int:
   return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def model_applies(module) -> tuple[Callable, Callable, Callable]:
-  """(logits, hidden, head) functions of params for a first_jax.models.Decoder."""
-  def apply(params, input_ids_BxL, attention_mask_BxL):
-    return module.apply({"params": params}, input_ids_BxL, attention_mask_BxL)
-
-  def hidden(params, input_ids_BxL, attention_mask_BxL):
-    return module.apply({"params": params}, input_ids_BxL, attention_mask_BxL,
-                        method=module.hidden)
-
-  def head(params, h_xD):
-    return module.apply({"params": params}, h_xD, method=module.logits_from_hidden)
-  return apply, hidden, head
+def model_apply(module) -> Callable:
+  """`apply(params, ids_BxL, mask_BxL)` -> logits; `hidden_only=True` -> final hidden states;
+  `apply(params, h_xD, head_only=True)` -> the output head on given hidden states."""
+  def apply(params, x, attention_mask_BxL=None, *, hidden_only=False, head_only=False):
+    variables = {"params": params}
+    if head_only:
+      return module.apply(variables, x, method=module.logits_from_hidden)
+    if hidden_only:
+      return module.apply(variables, x, attention_mask_BxL, method=module.hidden)
+    return module.apply(variables, x, attention_mask_BxL)
+  return apply
 
 
 def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, spec,
@@ -154,8 +153,8 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
                                grad_accum=optim.grad_accum)
   state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
                                     initial_temperature=initial_temperature))(params)
-  apply = model_applies(module)[0]
-  teacher_apply = model_applies(teacher_module)[0] if teacher_module is not None else None
+  apply = model_apply(module)
+  teacher_apply = model_apply(teacher_module) if teacher_module is not None else None
   step_fn = jax.jit(functools.partial(step_lib.train_step, student_apply=apply,
                                       teacher_apply=teacher_apply, spec=spec, tx=tx),
                     donate_argnums=0)

@@ -95,7 +95,7 @@ class Data:
 def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
   d = cfg.data
   if d.source == "synthetic":
-    return data.synthetic_mcqa(d.synthetic_size, seed=cfg.seed)
+    return data.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
     return data.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)

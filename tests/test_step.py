@@ -1,0 +1,124 @@
+"""The pure train step: learning, answer-only equivalence, offline == online, in-step search."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from first_jax import models, step, trainer
+
+V, L, B = 97, 12, 4
+
+
+def tiny(seed, layers=1, hidden=32):
+  mc = models.ModelConfig.from_dict(dict(
+      model_type="llama", vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
+      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+      tie_word_embeddings=False, scan_layers=True))
+  params = models.init_params(mc, jax.random.key(seed))
+  return models.Model(mc, params)
+
+
+def make_batch(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(L // 2, L + 1, B)
+  ids = rng.integers(0, V, (B, L)).astype(np.int32)
+  attn = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+  targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), np.int32)], 1)
+  answer = (lengths - 2).astype(np.int32)
+  loss_mask = np.zeros((B, L), np.float32)
+  loss_mask[np.arange(B), answer] = 1.0
+  choice_ids = np.stack([targets[np.arange(B), answer], (targets[np.arange(B), answer] + 1) % V],
+                        1).astype(np.int32)
+  return {"input_ids": ids, "attention_mask": attn, "targets": targets, "loss_mask": loss_mask,
+          "answer_pos": answer, "choice_ids": choice_ids,
+          "label": np.zeros(B, np.int32)}
+
+
+def run_steps(model, spec, batch, n, teacher=None, lr=3e-3):
+  tx = step.make_optimizer(lr=lr, total_steps=n, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(model.params, tx, seed=0)
+  fn = jax.jit(functools.partial(
+      step.train_step, student_apply=trainer.model_apply(model.module),
+      teacher_apply=trainer.model_apply(teacher.module) if teacher else None, spec=spec, tx=tx))
+  losses = []
+  for _ in range(n):
+    state, m = fn(state, batch, teacher.params if teacher else None)
+    losses.append(float(m["loss"][0] / m["loss"][1]))
+  return state, losses
+
+
+def test_ce_step_learns_a_fixed_batch():
+  _, losses = run_steps(tiny(0), step.LossSpec(kind="ce"), make_batch(1), 25)
+  assert losses[-1] < 0.3 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["ce", "topk_kd", "full_kd"])
+def test_answer_only_equals_full_positions(kind):
+  """The head at the answer position only gives the same loss and gradients."""
+  student, teacher, batch = tiny(0), tiny(1, layers=2), make_batch(2)
+  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
+  tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(student.params, tx, 0, initial_temperature=0.7)
+  out = []
+  for answer_only in (False, True):
+    spec = step.LossSpec(kind=kind, answer_only=answer_only, online=kind != "ce",
+                         temperature_mode="log_space")
+    f = jax.value_and_grad(functools.partial(step.loss_fn, student_apply=apply_s,
+                                             teacher_apply=apply_t, spec=spec), has_aux=True)
+    (loss, _), grads = f(student.params, state, batch, teacher.params)
+    out.append((loss, grads))
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("mode", ["prob_softmax", "log_space", None])
+def test_offline_equals_online_on_the_same_batch(tail, mode):
+  """Targets precomputed by the extraction step (offline) == teacher inside the step (online)."""
+  student, teacher, batch = tiny(3), tiny(4, layers=2), make_batch(5)
+  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
+  targets = jax.jit(functools.partial(step.teacher_topk_step, apply=apply_t, k=5))(
+      teacher.params, batch)
+  tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(student.params, tx, 0, initial_temperature=0.6)
+  losses = []
+  for online in (False, True):
+    spec = step.LossSpec(kind="topk_kd", tail=tail, temperature_mode=mode, online=online)
+    b = batch if online else {**batch, **targets}
+    loss, _ = step.loss_fn(student.params, state, b, teacher.params, student_apply=apply_s,
+                           teacher_apply=apply_t, spec=spec)
+    losses.append(float(loss))
+  assert losses[0] > 0
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_online_search_sets_and_smooths_the_temperature():
+  student, teacher, batch = tiny(6), tiny(7, layers=2), make_batch(8)
+  batch["loss_mask"] = batch["attention_mask"].astype(np.float32)  # many token events
+  spec = step.LossSpec(kind="topk_kd", online=True, search=True, ema=0.5,
+                       temperature_mode="log_space")
+  state, _ = run_steps(student, spec, batch, 1, teacher=teacher)
+  t1 = float(state.temperature)
+  # The first step takes the searched value itself: it must equal a direct search.
+  apply_t = trainer.model_apply(teacher.module)
+  targets = step.teacher_topk(apply_t(teacher.params, batch["input_ids"],
+                                      batch["attention_mask"]), 5)
+  direct = float(step.searched_temperature(targets, batch, spec))
+  assert t1 == pytest.approx(direct, rel=1e-6)
+  assert t1 != 1.0
+
+
+def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
+  student, teacher, batch = tiny(9), tiny(10, layers=2), make_batch(11)
+  before = jax.tree.map(np.asarray, teacher.params)
+  state, losses = run_steps(student, step.LossSpec(kind="topk_kd", online=True,
+                                                   temperature_mode=None), batch, 3, teacher)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher.params))
+  assert jax.tree.structure(state.params) == jax.tree.structure(student.params)
+  assert losses[-1] < losses[0]
