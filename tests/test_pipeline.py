@@ -1,0 +1,96 @@
+"""The smoke pipeline end to end (every stage), its outputs, skipping, and refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from first_jax import cli, pipeline, store, train, workspace
+from first_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("smoke"))
+  assert cli.stage_main(pipeline.run, ["--config", SMOKE, f"--config.workdir={wd}"]) == 0
+  return wd
+
+
+def test_store_manifest_has_k5_and_the_calibrated_temperature(workdir):
+  with open(os.path.join(workdir, "store", "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["k"] == 5
+  calib = manifest["calibration"]
+  assert calib["temperature"] == calib["curves"][calib["mode"]]["best_t"] > 0
+  curve = calib["curves"]["prob_softmax"]
+  assert min(curve["ece"]) == pytest.approx(curve["best_ece"])
+  assert os.path.exists(os.path.join(workdir, "store", "calibration_prob_softmax.png"))
+  reader = store.StoreReader(os.path.join(workdir, "store"))
+  assert reader.num_examples > 0
+
+
+def test_orbax_checkpoints_for_every_training_run(workdir):
+  for run in ("teacher", "students/sft", "students/kd", "students/first"):
+    ckpts = os.listdir(os.path.join(workdir, run, "checkpoints"))
+    assert any(c.isdigit() for c in ckpts), run
+
+
+def test_exported_student_loads_in_transformers_with_the_same_logits(workdir):
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  path = os.path.join(workdir, "students", "first", "export")
+  ours = workspace.load_export(cfg, os.path.dirname(path))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  ids = np.asarray([tok("Which one is a color?\nA) red\nB) dog\nAnswer:")["input_ids"]])
+  with torch.no_grad():
+    theirs = hf(torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(ids)), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_results_json_has_accuracy_and_ece_per_model(workdir):
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)["results"]
+  for name in ("teacher", "sft", "sft+ts", "kd", "first"):
+    r = results[name]["in_domain"]
+    assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["n"] > 0, name
+  with open(os.path.join(workdir, "eval", "results.md")) as f:
+    assert "| first |" in f.read()
+
+
+def test_second_run_skips_finished_stages(workdir, caplog):
+  caplog.set_level("INFO")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  train.run(cfg)
+  assert sum("done already" in r.message for r in caplog.records) == len(cfg.students)
+
+
+def test_corrupted_shard_is_refused_naming_it(workdir, tmp_path, capsys):
+  import shutil
+  wd = str(tmp_path / "copy")
+  shutil.copytree(workdir, wd)
+  shard = sorted(f for f in os.listdir(os.path.join(wd, "store")) if f.endswith(".bin"))[0]
+  path = os.path.join(wd, "store", shard)
+  with open(path, "r+b") as f:
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  shutil.rmtree(os.path.join(wd, "students", "kd"))
+  code = cli.stage_main(train.run, ["--config", SMOKE, f"--config.workdir={wd}",
+                                    "--config.students=('kd',)"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert shard in err and "sha256" in err, err
+
+
+def test_unknown_student_variant_is_refused_before_work(tmp_path, capsys):
+  wd = tmp_path / "wd"
+  code = cli.stage_main(pipeline.run, ["--config", SMOKE, f"--config.workdir={wd}",
+                                       "--config.students=('sft', 'fist')"])
+  assert code == 2 and not wd.exists()
+  assert "'fist'" in capsys.readouterr().err

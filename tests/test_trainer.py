@@ -1,0 +1,70 @@
+"""The training loop: a killed run resumes to exactly the unbroken run's losses."""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from first_jax import data, step, trainer
+from tests.test_step import make_batch, tiny
+
+
+def arrays(n=24, seed=0):
+  parts = [make_batch(seed + i) for i in range(n // 4)]
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  out["example_id"] = np.arange(n)
+  return out
+
+
+def losses_by_step(folder):
+  with open(os.path.join(folder, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["t/loss"] for r in rows}  # a resumed run's rows replace earlier ones
+
+
+def run(folder, total, kill_after=None):
+  model = tiny(0)
+  tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(model.params, tx, seed=0)
+  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(model.module),
+                                 teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
+  calls = {"n": 0}
+
+  def step_fn(state, batch, teacher_params):
+    if kill_after is not None and calls["n"] == kill_after:
+      raise KeyboardInterrupt("killed")
+    calls["n"] += 1
+    return fn(state, batch, teacher_params)
+
+  batches = data.BatchIterator(arrays(), batch_size=4, seed=3)  # 6 batches an epoch
+  put = lambda b: {k: v for k, v in b.items() if k != "example_id"}
+  return trainer.fit(name="t", folder=folder, state=state, step_fn=step_fn, batches=batches,
+                     total_steps=total, put_batch=put, every_steps=4, keep=2, log_every=1)
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+  total = 14  # crosses two epoch boundaries
+  unbroken = run(str(tmp_path / "a"), total)
+  with pytest.raises(KeyboardInterrupt):
+    run(str(tmp_path / "b"), total, kill_after=10)  # last checkpoint: step 8
+  resumed = run(str(tmp_path / "b"), total)
+  a, b = losses_by_step(str(tmp_path / "a")), losses_by_step(str(tmp_path / "b"))
+  assert sorted(a) == sorted(b) == list(range(1, total + 1))
+  for s in range(1, total + 1):
+    assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
+               unbroken.params, resumed.params)
+  assert int(resumed.step) == total
+  steps = lambda run: sorted(int(d) for d in os.listdir(tmp_path / run / "checkpoints")
+                             if d.isdigit())
+  assert total in steps("b")
+  assert total in steps("a") and len(steps("a")) <= 3  # keep-last-2 plus the best
+
+
+def test_resume_false_starts_over(tmp_path):
+  run(str(tmp_path / "a"), 4)
+  state = run(str(tmp_path / "a"), 8)
+  assert int(state.step) == 8
