@@ -38,7 +38,7 @@ def run(cfg) -> dict:
   teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   val = data.splits["validation"]
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
-  fn = extract.topk_fn(teacher.module, k_report)
+  fn = extract.topk_fn(teacher.module, k_report, answer_only=True)
   top = extract.run_topk(fn, teacher.params, val, cfg.extract.batch_size,
                          sharding.batch_sharding(workspace.mesh(cfg)), desc="calibrate")
   lp_NxR, ids_NxR, _, gold_N = answer_events(top, val)

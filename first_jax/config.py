@@ -144,6 +144,10 @@ def _check_model_source(cfg: ml_collections.ConfigDict, who: str) -> None:
   block = cfg[who]
   _require(block.init in ("random", "pretrained", "layer_subset"), f"{who}.init",
            "one of random, pretrained, layer_subset", block.init)
+  if block.init == "layer_subset":  # layers of the pre-trained teacher
+    _require(who == "student" and cfg.teacher.init == "pretrained", f"{who}.init",
+             "layer_subset only for the student of a pre-trained teacher", block.init)
+    return
   if block.init != "random" and block.path not in MODEL_ASSETS:
     _require(os.path.exists(block.path), f"{who}.path",
              "an existing HF model directory, .gguf file or asset name", block.path)

@@ -20,9 +20,10 @@ from first_jax import tokenizer as tokenizer_lib, trainer, workspace
 log = logging.getLogger(__name__)
 
 
-def topk_fn(module, k: int):
+def topk_fn(module, k: int, answer_only: bool):
   apply = trainer.model_apply(module)
-  return jax.jit(functools.partial(step.teacher_topk_step, apply=apply, k=k))
+  return jax.jit(functools.partial(step.teacher_topk_step, apply=apply, k=k,
+                                   answer_only=answer_only))
 
 
 def run_topk(fn, params, arrays: dict, batch_size: int, batch_sharding,
@@ -33,7 +34,8 @@ def run_topk(fn, params, arrays: dict, batch_size: int, batch_sharding,
                                    drop_remainder=False, num_epochs=1)
   outs = []
   for batch in log_lib.progress(batches, desc=desc, total=-(-n // batch_size)):
-    dev = jax.device_put({k: batch[k] for k in ("input_ids", "attention_mask")}, batch_sharding)
+    dev = jax.device_put({k: batch[k] for k in ("input_ids", "attention_mask", "answer_pos")},
+                         batch_sharding)
     outs.append(jax.device_get(fn(params, dev)))
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
@@ -52,7 +54,8 @@ def run(cfg) -> str:
                "fingerprint": finetune.stage_fingerprint(cfg)},
       tokenizer_hash=tokenizer_lib.tokenizer_hash(tok), data_fingerprint=data.fingerprint)
   writer = store.StoreWriter(out, spec)
-  fn = topk_fn(teacher.module, cfg.extract.k)
+  # Response-only MCQA: only the answer position is ever trained on, so only it is extracted.
+  fn = topk_fn(teacher.module, cfg.extract.k, answer_only=cfg.data.loss_on == "response")
   mesh = workspace.mesh(cfg)
   n, size = len(train["input_ids"]), cfg.extract.shard_size
   num_shards = -(-n // size)

@@ -122,3 +122,18 @@ def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher.params))
   assert jax.tree.structure(state.params) == jax.tree.structure(student.params)
   assert losses[-1] < losses[0]
+
+
+def test_answer_only_extraction_matches_full_at_the_answer_positions():
+  teacher, batch = tiny(12, layers=2), make_batch(13)
+  apply = trainer.model_apply(teacher.module)
+  full = step.teacher_topk_step(teacher.params, batch, apply=apply, k=5)
+  sparse = step.teacher_topk_step(teacher.params, batch, apply=apply, k=5, answer_only=True)
+  rows, pos = np.arange(B), batch["answer_pos"]
+  for key in full:
+    assert sparse[key].shape == full[key].shape
+    np.testing.assert_allclose(np.asarray(sparse[key])[rows, pos],
+                               np.asarray(full[key])[rows, pos], rtol=1e-5, atol=1e-6)
+  other = np.ones((B, L), bool)
+  other[rows, pos] = False
+  assert np.all(np.asarray(sparse["teacher_ids"])[other] == 0)
