@@ -45,7 +45,6 @@ def get_config(arg: str = ""):
   c.evaluate.batch_size = 32
   c.checkpoint.every_steps = 25
   c.students = ("sft", "kd", "first")
-  if full:  # both temperature modes x both tail modes, label smoothing
-    c.students = ("sft", "sft_ls", "kd", "first", "first-log_space", "first-renormalize",
-                  "first-log_space-renormalize")
+  if full:  # label smoothing; FIRST with each temperature mode and each tail mode
+    c.students = ("sft", "sft_ls", "kd", "first", "first-log_space", "first-renormalize")
   return c

@@ -234,7 +234,7 @@ def base() -> ml_collections.ConfigDict:
       use_chat_template=False,
       shuffle_choices=True,  # BIG-bench lists the gold choice first; keep False for fixed label sets
       synthetic_size=600,
-      synthetic_kind="numbers",  # numbers | categories (see first_jax.data.synthetic_mcqa)
+      synthetic_kind="numbers",  # numbers | categories (see first_jax.sources.synthetic_mcqa)
   ))
   c.teacher = ml_collections.ConfigDict(dict(
       init="random",  # random | pretrained

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from first_jax import cli, models, sharding, step, trainer, workspace
+from first_jax import cli, sharding, step, trainer, workspace
 
 log = logging.getLogger(__name__)
 

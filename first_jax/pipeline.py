@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 from first_jax import calibrate, cli, evaluate, extract, finetune, io_util, train, workspace

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from first_jax import cli, models, sharding, step, store, trainer, workspace
+from first_jax import cli, sharding, step, store, trainer, workspace
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)

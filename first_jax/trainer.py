@@ -6,6 +6,7 @@ the device; they go to a JSONL file, TensorBoard event files and the progress ba
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ from typing import Any, Callable, Iterator
 import jax
 
 from first_jax import checkpoint as ckpt_lib
+from first_jax import data as data_lib
 from first_jax import log as log_lib
+from first_jax import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +138,6 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
                 add_targets: Callable[[dict], dict] | None = None,
                 initial_temperature: float = 1.0) -> Any:
   """Builds optimizer, state and the jitted step for one run, then `fit`s it. Returns params."""
-  import functools
-  from first_jax import data as data_lib
-  from first_jax import step as step_lib
-
   batches = data_lib.BatchIterator(arrays, optim.batch_size, seed=seed, shuffle=True,
                                    drop_remainder=True)
   steps_per_epoch = len(arrays["input_ids"]) // optim.batch_size

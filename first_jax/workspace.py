@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from first_jax import assets, data, io_util, sharding, tokenizer as tokenizer_lib
+from first_jax import assets, data, io_util, sharding, sources, tokenizer as tokenizer_lib
 from first_jax import models
 from first_jax.errors import UserError
 
@@ -95,10 +95,10 @@ class Data:
 def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
   d = cfg.data
   if d.source == "synthetic":
-    return data.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
+    return sources.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
-    return data.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
+    return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
   raise UserError(f"config.data.source: expected synthetic or bigbench, got {d.source!r}")
 
 

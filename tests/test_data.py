@@ -1,4 +1,4 @@
-"""Tests for first_jax.data: sources, formatting, encoding alignment, splits, resumable batches."""
+"""Tests for first_jax.data: formatting, encoding alignment, splits, resumable batches."""
 import json
 import logging
 import os
@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from first_jax import data
+from first_jax import data, sources
 from first_jax.errors import UserError
 
 
@@ -59,142 +59,16 @@ def _random_mc(rng, n, max_choices=5):
   for i in range(n):
     k = int(rng.integers(2, max_choices + 1))
     q = " ".join(rng.choice(words, int(rng.integers(3, 12)))) + f" {i}?"
-    out.append(data.MCExample(q, [" ".join(rng.choice(words, 2)) for _ in range(k)],
-                              int(rng.integers(k)), "rand"))
+    out.append(sources.MCExample(q, [" ".join(rng.choice(words, 2)) for _ in range(k)],
+                                 int(rng.integers(k)), "rand"))
   return out
-
-
-# ------------------------------------------------------------------------------- sources
-
-
-def test_load_bigbench_skips_bad_and_shuffles(tmp_path, caplog):
-  rng = np.random.default_rng()
-  good = []
-  for i in range(6):
-    k = int(rng.integers(2, 6))
-    scores = {f"choice {i}-{j}-{rng.integers(1000)}": 0 for j in range(k)}
-    correct = list(scores)[int(rng.integers(k))]
-    scores[correct] = 1
-    good.append(({"input": f"question {i}?", "target_scores": scores}, correct))
-  bad = [{"input": "two right", "target_scores": {"x": 1, "y": 1, "z": 0}},
-         {"input": "none right", "target_scores": {"x": 0, "y": 0}},
-         {"input": "generative", "target": "foo"}]
-  task = {"name": "toy", "task_prefix": "Answer the question.\n",
-          "examples": [g for g, _ in good[:3]] + bad + [g for g, _ in good[3:]]}
-  path = tmp_path / "task.json"
-  path.write_text(json.dumps(task))
-  with caplog.at_level(logging.WARNING, logger="first_jax.data"):
-    exs = data.load_bigbench(path)
-  assert "skipped 3 of 9" in caplog.text
-  assert len(exs) == 6
-  for ex, (g, correct) in zip(exs, good):
-    assert ex.input == "Answer the question.\n" + g["input"]
-    assert ex.choices[ex.label] == correct
-    assert sorted(ex.choices) == sorted(g["target_scores"])
-    assert ex.source == "toy"
-  assert data.load_bigbench(path) == exs  # Deterministic shuffle.
-  plain = data.load_bigbench(path, shuffle_choices_seed=None, use_task_prefix=False)
-  assert [e.choices for e in plain] == [list(g["target_scores"]) for g, _ in good]
-  assert plain[0].input == good[0][0]["input"]
-  (tmp_path / "broken.json").write_text("{not json")
-  with pytest.raises(UserError, match="broken.json"):
-    data.load_bigbench(tmp_path / "broken.json")
-
-
-def _hf_rows(rng, n):
-  rows = []
-  for i in range(n):
-    opts = [f"opt{i}_{j}_{rng.integers(10**6)}" for j in range(4)]
-    rows.append({"q": f"What is item {i}?", "opts": opts, "ans": int(rng.integers(4))})
-  return rows
-
-
-def test_load_hf_jsonl_int_labels(tmp_path):
-  rows = _hf_rows(np.random.default_rng(), 7)
-  path = tmp_path / "d.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  fields = {"input": "q", "choices": "opts", "label": "ans"}
-  exs = data.load_hf("json", "validation", fields, data_files=str(path),
-                     cache_dir=str(tmp_path / "c"))
-  assert [(e.input, e.choices, e.label, e.source) for e in exs] == [
-      (r["q"], r["opts"], r["ans"], "d.jsonl") for r in rows]
-  # A bare local file path works too.
-  assert data.load_hf(str(path), "train", fields, cache_dir=str(tmp_path / "c")) == exs
-  with pytest.raises(UserError, match="'nope'"):
-    data.load_hf("json", "train", dict(fields, label="nope"), data_files=str(path),
-                 cache_dir=str(tmp_path / "c"))
-
-
-def test_load_hf_parquet_letter_and_text_labels(tmp_path):
-  import datasets
-  rng = np.random.default_rng()
-  rows = _hf_rows(rng, 9)
-  for i, r in enumerate(rows):  # Labels as letters, or as the answer text.
-    r["ans"] = "ABCD"[r["ans"]] if i % 2 else r["opts"][r["ans"]]
-  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-  exs = data.load_hf("parquet", "test", {"input": "q", "choices": "opts", "label": "ans"},
-                     data_files=str(tmp_path / "d.parquet"), cache_dir=str(tmp_path / "c"))
-  for e, r in zip(exs, rows):
-    assert e.choices == r["opts"]
-    if len(r["ans"]) == 1:
-      assert e.label == "ABCD".index(r["ans"])
-    else:
-      assert e.choices[e.label] == r["ans"]
-  rows[0]["ans"] = "not a choice"
-  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
-  with pytest.raises(UserError, match="row 0"):
-    data.load_hf("parquet", "test", {"input": "q", "choices": "opts", "label": "ans"},
-                 data_files=str(tmp_path / "bad.parquet"), cache_dir=str(tmp_path / "c"))
-
-
-def test_parse_label_rule():
-  choices = ["red", "green", "B"]
-  assert data._parse_label(2, choices, data.LETTERS) == 2
-  assert data._parse_label("1", choices, data.LETTERS) == 1
-  assert data._parse_label("B", choices, data.LETTERS) == 1  # A letter wins over a choice text.
-  assert data._parse_label("green", choices, data.LETTERS) == 1
-  with pytest.raises(ValueError):
-    data._parse_label(3, choices, data.LETTERS)
-
-
-def test_load_jsonl_instructions(tmp_path):
-  rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-          {"instruction": "Say hi.", "input": "", "output": "hi"}]
-  path = tmp_path / "alpaca.jsonl"
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  exs = data.load_jsonl_instructions(path)
-  assert exs == [data.TextExample("Add the numbers.\n\n2 and 3", "5"),
-                 data.TextExample("Say hi.", "hi")]
-  (tmp_path / "alpaca.json").write_text(json.dumps(rows))  # Alpaca's own JSON list form.
-  assert data.load_jsonl_instructions(tmp_path / "alpaca.json") == exs
-  with pytest.raises(UserError, match="record 0"):
-    data.load_jsonl_instructions(path, response_field="answer")
-
-
-def test_synthetic_mcqa_deterministic_balanced_correct():
-  seed = int(np.random.default_rng().integers(10**6))
-  exs = data.synthetic_mcqa(203, seed, num_choices=4)
-  assert exs == data.synthetic_mcqa(203, seed, num_choices=4)
-  assert exs != data.synthetic_mcqa(203, seed + 1, num_choices=4)
-  counts = np.bincount([e.label for e in exs], minlength=4)
-  assert counts.max() - counts.min() <= 1
-  assert len({e.input for e in exs}) >= 4  # Varied templates.
-  for e in exs:
-    v = np.array([int(c) for c in e.choices])
-    assert len(set(v.tolist())) == 4
-    if "even" in e.input:
-      assert v[e.label] % 2 == 0 and (np.delete(v, e.label) % 2 == 1).all()
-    elif "larg" in e.input or "bigg" in e.input:
-      assert v[e.label] == v.max()
-    else:
-      assert v[e.label] == v.min()
 
 
 # ---------------------------------------------------------------------------- formatting
 
 
 def test_format_mc_and_letter_tokens(tok):
-  ex = data.MCExample("Which is red?", ["sky", "apple", "grass"], 1, "t")
+  ex = sources.MCExample("Which is red?", ["sky", "apple", "grass"], 1, "t")
   prompt, response = data.format_mc(ex)
   assert prompt == "Which is red?\nA) sky\nB) apple\nC) grass\nAnswer:"
   assert response == " B"
@@ -210,7 +84,7 @@ def test_format_mc_and_letter_tokens(tok):
 
 def test_chat_template_wrapping(tok):
   import copy
-  ex = data.MCExample("Q?", ["x", "y"], 0)
+  ex = sources.MCExample("Q?", ["x", "y"], 0)
   with pytest.raises(UserError, match="chat_template"):
     data.format_mc(ex, tok=tok, use_chat_template=True)
   chat = copy.deepcopy(tok)
@@ -234,7 +108,7 @@ def test_bucket_len():
 @pytest.mark.parametrize("loss_on", ["response", "all"])
 def test_encode_mc_alignment(tok, loss_on):
   rng = np.random.default_rng()
-  exs = _random_mc(rng, 13) + data.synthetic_mcqa(5, int(rng.integers(1000)))
+  exs = _random_mc(rng, 13) + sources.synthetic_mcqa(5, int(rng.integers(1000)))
   c = 6 if loss_on == "all" else max(len(e.choices) for e in exs)  # Fixed C, or the data's.
   out = data.encode_mc(exs, tok, max_len=512, loss_on=loss_on,
                        num_choices=6 if loss_on == "all" else None)
@@ -275,8 +149,8 @@ def test_encode_mc_alignment(tok, loss_on):
 def test_encode_mc_truncates_prompt_left(tok, caplog):
   rng = np.random.default_rng()
   long_q = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 300)) + " END?"
-  exs = [data.MCExample(long_q, ["one", "two", "three"], 2),
-         data.MCExample("Short?", ["a", "b"], 0)]
+  exs = [sources.MCExample(long_q, ["one", "two", "three"], 2),
+         sources.MCExample("Short?", ["a", "b"], 0)]
   with caplog.at_level(logging.WARNING, logger="first_jax.data"):
     out = data.encode_mc(exs, tok, max_len=48, buckets=())
   assert "1 of 2 examples" in caplog.text
@@ -289,8 +163,9 @@ def test_encode_mc_truncates_prompt_left(tok, caplog):
 
 
 def test_encode_text(tok):
-  exs = [data.TextExample("Add 2 and 3.", "The sum is 5."), data.TextExample("Say hi.", "hi"),
-         data.TextExample("", "plain text with no prompt")]
+  exs = [sources.TextExample("Add 2 and 3.", "The sum is 5."),
+         sources.TextExample("Say hi.", "hi"),
+         sources.TextExample("", "plain text with no prompt")]
   out = data.encode_text(exs, tok, max_len=256)
   eos = tok.eos_token_id
   assert out["input_ids"].shape == (3, 64) and set(out) == {
@@ -304,7 +179,7 @@ def test_encode_text(tok):
     assert scored == (r_ids if p_ids else r_ids[1:])  # The first token of a prompt-less row.
   full = data.encode_text(exs, tok, max_len=256, loss_on="all")
   np.testing.assert_array_equal(full["loss_mask"][:, :-1], full["attention_mask"][:, 1:])
-  short = data.encode_text([data.TextExample("word " * 40, "resp " * 40)], tok, max_len=32)
+  short = data.encode_text([sources.TextExample("word " * 40, "resp " * 40)], tok, max_len=32)
   assert short["attention_mask"].sum() == 32 and short["loss_mask"].sum() == 16
 
 
@@ -314,7 +189,7 @@ def test_encode_text(tok):
 def test_split_examples_disjoint_deterministic(tmp_path):
   rng = np.random.default_rng()
   exs = _random_mc(rng, 90)
-  exs += [data.MCExample(exs[3].input, ["p", "q"], 1)] * 3  # Repeated question text.
+  exs += [sources.MCExample(exs[3].input, ["p", "q"], 1)] * 3  # Repeated question text.
   sizes = {"train": 0.6, "validation": 0.2, "test": 0.2}
   splits, record = data.split_examples(exs, sizes, seed=7)
   again, record2 = data.split_examples(exs, sizes, seed=7)
@@ -346,7 +221,7 @@ def test_fingerprint_sensitivity():
   exs = _random_mc(np.random.default_rng(), 10)
   base = data.fingerprint(exs, "tokhash", 128, loss_on="response")
   assert len(base) == 64 and base == data.fingerprint(list(exs), "tokhash", 128, loss_on="response")
-  flipped = data.MCExample(exs[4].input, exs[4].choices, (exs[4].label + 1) % 2)
+  flipped = sources.MCExample(exs[4].input, exs[4].choices, (exs[4].label + 1) % 2)
   changed = exs[:4] + [flipped] + exs[5:]
   assert len({base, data.fingerprint(exs, "tokhash", 256, loss_on="response"),
               data.fingerprint(exs, "other", 128, loss_on="response"),
