@@ -192,8 +192,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "validation and test fractions > 0 summing to < 1", (cfg.data.validation, cfg.data.test))
   _require(cfg.data.loss_on in ("response", "all"), "data.loss_on", "response or all",
            cfg.data.loss_on)
-  if cfg.data.source in ("jsonl", "hf_local") or (cfg.data.source == "bigbench"
-                                                  and cfg.data.task.endswith(".json")):
+  _require(cfg.data.source in ("synthetic", "bigbench", "hf"), "data.source",
+           "synthetic, bigbench or hf", cfg.data.source)
+  looks_local = cfg.data.task.endswith((".json", ".jsonl", ".parquet", ".csv"))
+  if cfg.data.source in ("bigbench", "hf") and looks_local:
     _require(os.path.exists(cfg.data.task), "data.task", "an existing data file", cfg.data.task)
   if cfg.tokenizer not in TOKENIZER_ASSETS and not os.path.exists(cfg.tokenizer):
     raise UserError(f"config.tokenizer: expected an existing tokenizer dir/file or an asset "
@@ -223,8 +225,11 @@ def base() -> ml_collections.ConfigDict:
   c.tokenizer = "gpt2"  # asset name (gpt2, smollm2), HF tokenizer dir, tokenizer.json or .gguf
 
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic",  # synthetic | bigbench | hf_local | jsonl
-      task="",  # BIG-bench task name (e.g. multiemo/hotels_sentence_en) or a local file
+      source="synthetic",  # synthetic | bigbench | hf (HF `datasets`: local file or hub name)
+      task="",  # BIG-bench task name (e.g. multiemo/hotels_sentence_en), a file, a hub name
+      hf_split="train",  # for source=hf: the split read (our own splits are made from it)
+      hf_fields=ml_collections.ConfigDict(dict(input="question", choices="choices",
+                                               label="answer")),  # column names, for hf
       ood_tasks=(),  # evaluated out-of-domain (same source kind)
       num_examples=0,  # 0: all; else a seeded subsample of the in-domain task
       num_ood_examples=0,  # per out-of-domain task, 0: all

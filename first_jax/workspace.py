@@ -99,7 +99,9 @@ def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
     return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
-  raise UserError(f"config.data.source: expected synthetic or bigbench, got {d.source!r}")
+  if d.source == "hf":
+    return sources.load_hf(task, d.hf_split, d.hf_fields.to_dict())
+  raise UserError(f"config.data.source: expected synthetic, bigbench or hf, got {d.source!r}")
 
 
 def _subsample(examples: list, n: int, seed: int) -> list:

@@ -1,0 +1,50 @@
+"""What a config resolves to: data from each source kind, done-markers, models."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from first_jax import config as config_lib, workspace
+from first_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+def test_hf_local_jsonl_source_with_a_field_mapping(tmp_path):
+  rng = np.random.default_rng()
+  words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+  path = tmp_path / "qa.jsonl"
+  with open(path, "w") as f:
+    for i in range(60):
+      opts = [str(w) for w in rng.choice(words, 3, replace=False)]
+      f.write(json.dumps({"q": f"Question {i}: pick {opts[1]}?", "opts": opts, "gold": 1}) + "\n")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={tmp_path / 'wd'}",
+                         "--config.data.source=hf", f"--config.data.task={path}",
+                         "--config.data.hf_fields.input=q", "--config.data.hf_fields.choices=opts",
+                         "--config.data.hf_fields.label=gold"])
+  d = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  sizes = {k: len(v["input_ids"]) for k, v in d.splits.items()}
+  assert sum(sizes.values()) == 60 and min(sizes.values()) > 0
+  assert d.num_choices == 3 and all((v["label"] == 1).all() for v in d.splits.values())
+  with open(tmp_path / "wd" / "data" / "split.json") as f:
+    record = json.load(f)
+  ids = [set(record["splits"][k]["indices"]) for k in ("train", "validation", "test")]
+  assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+  assert record["fingerprint"] == d.fingerprint
+
+
+def test_missing_local_data_file_is_a_config_error(tmp_path):
+  with pytest.raises(UserError, match="config.data.task: expected an existing data file"):
+    config_lib.load(["--config", SMOKE, "--config.data.source=hf",
+                     f"--config.data.task={tmp_path / 'nope.jsonl'}"])
+
+
+def test_done_markers_follow_the_fingerprint(tmp_path):
+  fp = workspace.fingerprint({"a": 1}, 2)
+  assert fp != workspace.fingerprint({"a": 2}, 2)
+  assert not workspace.is_done(str(tmp_path), fp)
+  workspace.mark_done(str(tmp_path), fp)
+  assert workspace.is_done(str(tmp_path), fp)
+  assert not workspace.is_done(str(tmp_path), workspace.fingerprint({"a": 1}, 3))
