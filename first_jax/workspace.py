@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -55,6 +56,29 @@ def is_done(path: str, fp: str) -> bool:
 
 def mark_done(path: str, fp: str, **info: Any) -> None:
   io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
+
+
+def start_run(path: str, fp: str) -> None:
+  """Claims `path` for a training run of fingerprint `fp`.
+
+  A folder left by a run of another config (its checkpoints must not be resumed into this one)
+  is moved aside to `<path>.stale-<its fingerprint>`; a folder of the same config is kept, so
+  the run resumes from its checkpoints.
+  """
+  marker = os.path.join(path, "run.json")
+  if os.path.exists(path) and os.listdir(path):
+    old = None
+    if os.path.exists(marker):
+      with open(marker) as f:
+        old = json.load(f).get("fingerprint")
+    if old == fp:
+      return
+    aside = f"{path}.stale-{old or 'unknown'}"
+    if os.path.exists(aside):
+      aside += f"-{int(time.time())}"
+    log.warning("%s holds a run of another config; moved to %s", path, aside)
+    os.rename(path, aside)
+  io_util.atomic_write_json(marker, {"fingerprint": fp})
 
 
 # ----------------------------------------------------------------------------- mesh

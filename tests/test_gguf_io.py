@@ -200,6 +200,42 @@ def botchan_note() -> str:
   return text[text.index("No translation can expect"):text.index(end) + len(end)]
 
 
+_GLUE_LEFT = {".", ",", ";", ":", "?", "!", ")", "''", "'"}  # attach to the previous word
+_GLUE_RIGHT = {"``", "`", "("}  # attach to the next word
+
+
+def brown_news_paragraph(doc: str = "ca01") -> str:
+  """The opening of a Brown news text (the sentences before its first headline) as plain text.
+
+  Brown files hold one sentence per line of "word/tag" tokens; headline lines carry "-hl" tags.
+  Tags are dropped (split at the last "/"), `` and '' become ", punctuation is glued to its
+  neighbour, the sentence-final "." Brown adds after an abbreviation ("Jr. .") is dropped, the
+  token order is kept (Brown's ''. stays ".), and sentences are joined by single spaces.
+  """
+  from first_jax import assets
+
+  raw = (assets.fetch("brown").parent / doc).read_text(encoding="utf-8")
+  sentences = []
+  for line in filter(str.strip, raw.splitlines()):
+    pairs = [t.rsplit("/", 1) for t in line.split()]
+    if all(tag.endswith("-hl") for _, tag in pairs):
+      if sentences:
+        break
+      continue
+    words = [w for w, _ in pairs]
+    if len(words) > 1 and words[-1] == "." and words[-2].endswith("."):
+      words.pop()
+    sentences.append(words)
+  out, glue = [], True
+  for words in sentences:
+    for w in words:
+      if not glue and w not in _GLUE_LEFT:
+        out.append(" ")
+      out.append({"``": '"', "''": '"'}.get(w, w))
+      glue = w in _GLUE_RIGHT
+  return "".join(out)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
   from first_jax import assets
@@ -230,42 +266,52 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_perplexity(smollm2):
+  """Perplexity (exp of the mean NLL of tokens 2..n, no BOS) of our Flax decoder on real English.
+
+  Brown ca01's opening (1961 news) and botchan's translator's note; figures in docs/models.md.
+  The tokenizer must round-trip both texts exactly; transformers' decoder on the same weights is
+  the logits reference, and with llama.cpp's Q/K permutation left in place it must be far worse.
+  """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from first_jax import tokenizer
+  from first_jax.models import load_pretrained
 
   path, cfg, state = smollm2
-  ids = tokenizer.load(path)(botchan_note(), add_special_tokens=False)["input_ids"]
-  assert len(ids) == 353
-  labels = torch.tensor([ids])
+  tok = tokenizer.load(path)
+  flax_model = load_pretrained(path)
 
-  def perplexity(weights):
+  def torch_model(weights):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).float().eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    return model
+
+  ref = torch_model(state)
+  still_permuted = torch_model({k: (gguf_io.permute_qk(v, 9) if ".q_proj." in k else
+                                    gguf_io.permute_qk(v, 3) if ".k_proj." in k else v)
+                                for k, v in state.items()})
+
+  def perplexity(logits_LxV, ids):
+    z = np.asarray(logits_LxV[:-1], np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+  # (text, SmolLM2 tokens, bound): measured 47.3 and 35.5; the issue's < 20 is not reached.
+  texts = {"brown ca01": (brown_news_paragraph("ca01"), 260, 55.0),
+           "botchan note": (botchan_note(), 353, 45.0)}
+  for name, (text, n_tokens, bound) in texts.items():
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == n_tokens, name
+    assert tok.decode(ids) == text, name  # exact round trip
+    logits_LxV = np.asarray(flax_model(np.asarray([ids])))[0]
     with torch.no_grad():
-      return float(torch.exp(model(labels, labels=labels).loss)), model
-
-  ppl, model = perplexity(state)
-  still_permuted = {k: (gguf_io.permute_qk(v, 9) if ".q_proj." in k else
-                        gguf_io.permute_qk(v, 3) if ".k_proj." in k else v)
-                    for k, v in state.items()}
-  ppl_bad, _ = perplexity(still_permuted)
-  print(f"SmolLM2 perplexity on {len(ids)} tokens: {ppl:.2f} (Q/K left permuted: {ppl_bad:.1f})")
-  assert ppl < 45  # measured 35.5
-  assert ppl_bad > 4 * ppl  # measured 263
-
-  # Our Flax decoder, when the models package provides it, must agree with transformers.
-  try:
-    from first_jax.models import load_pretrained
-  except ImportError:
-    pytest.skip("first_jax.models.load_pretrained not available")
-  flax_model = load_pretrained(path)
-  logits = np.asarray(flax_model(np.asarray([ids])))
-  with torch.no_grad():
-    ref = model(labels).logits.numpy()
-  np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=2e-3)
-  z = logits[0, :-1].astype(np.float64)
-  logp = z - z.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
-  assert np.exp(nll) == pytest.approx(ppl, rel=1e-3)
+      ref_LxV = ref(torch.tensor([ids])).logits[0].numpy()
+      bad_LxV = still_permuted(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(logits_LxV, ref_LxV, atol=2e-3, rtol=2e-3, err_msg=name)
+    ppl, ppl_ref, ppl_bad = (perplexity(x, ids) for x in (logits_LxV, ref_LxV, bad_LxV))
+    print(f"SmolLM2 perplexity, {name}, {len(ids)} tokens: {ppl:.2f} (transformers "
+          f"{ppl_ref:.2f}; Q/K left permuted: {ppl_bad:.1f})")
+    assert ppl == pytest.approx(ppl_ref, rel=1e-3), name
+    assert ppl < bound, name
+    assert ppl_bad > 4 * ppl, name

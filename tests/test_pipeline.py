@@ -94,3 +94,21 @@ def test_unknown_student_variant_is_refused_before_work(tmp_path, capsys):
                                        "--config.students=('sft', 'fist')"])
   assert code == 2 and not wd.exists()
   assert "'fist'" in capsys.readouterr().err
+
+
+def test_online_distillation_with_in_step_temperature_search(workdir, tmp_path):
+  import shutil
+  wd = str(tmp_path / "online")
+  shutil.copytree(workdir, wd)
+  cfg = config_lib.load(["--config", SMOKE + ":online", f"--config.workdir={wd}",
+                         "--config.students=('first', 'full_kd')"])
+  train.run(cfg)
+  for name in ("first", "full_kd"):
+    with open(os.path.join(wd, "students", name, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    t = [r[f"train/{name}/temperature"] for r in rows]
+    loss = [r[f"train/{name}/loss"] for r in rows]
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0], (name, loss)
+    if name == "first":  # searched in the step on each batch, smoothed by the EMA
+      assert len(set(np.round(t, 6))) > 1 and all(x > 0 for x in t)
+  assert os.path.exists(os.path.join(wd, "students", "full_kd", "export", "config.json"))

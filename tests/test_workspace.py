@@ -48,3 +48,16 @@ def test_done_markers_follow_the_fingerprint(tmp_path):
   workspace.mark_done(str(tmp_path), fp)
   assert workspace.is_done(str(tmp_path), fp)
   assert not workspace.is_done(str(tmp_path), workspace.fingerprint({"a": 1}, 3))
+
+
+def test_a_run_of_another_config_is_moved_aside_not_resumed(tmp_path):
+  run = str(tmp_path / "students" / "first")
+  workspace.start_run(run, "aaa")
+  os.makedirs(os.path.join(run, "checkpoints", "10"))
+  workspace.start_run(run, "aaa")  # same config: kept, it will resume
+  assert os.path.exists(os.path.join(run, "checkpoints", "10"))
+  workspace.start_run(run, "bbb")  # another config: its checkpoints must not be resumed
+  assert not os.path.exists(os.path.join(run, "checkpoints"))
+  assert os.path.exists(os.path.join(run + ".stale-aaa", "checkpoints", "10"))
+  with open(os.path.join(run, "run.json")) as f:
+    assert json.load(f)["fingerprint"] == "bbb"
