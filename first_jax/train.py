@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from first_jax import cli, sharding, step, store, trainer, workspace
+from first_jax import cli, finetune, sharding, step, store, trainer, workspace
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,25 +101,28 @@ def store_targets(reader: store.StoreReader):
   return add
 
 
-def variant_fingerprint(cfg, variant: Variant) -> str:
+def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
+  """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
+  teacher = finetune.stage_fingerprint(cfg) if variant.needs_teacher else None
   return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.student, cfg.distill,
-                               cfg.extract.k, dataclasses.asdict(variant.spec))
+                               cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t)
 
 
 def train_variant(cfg, variant: Variant, tok, data) -> str:
   out = workspace.folder(cfg, "students", variant.name)
-  fp = variant_fingerprint(cfg, variant)
+  spec = variant.spec
+  reader = None
+  if variant.needs_teacher and not spec.online:
+    reader = store.StoreReader(workspace.folder(cfg, "store"))
+  t = teacher_temperature(cfg, spec, reader if reader is not None else _maybe_reader(cfg))
+  fp = variant_fingerprint(cfg, variant, t)
   if workspace.is_done(out, fp):
     log.info("train %s: done already", variant.name)
     return out
   mesh = workspace.mesh(cfg)
-  spec = variant.spec
-  reader = teacher = None
-  if variant.needs_teacher and not spec.online:
-    reader = store.StoreReader(workspace.folder(cfg, "store"))
+  teacher = None
   if spec.online:
     teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
-  t = teacher_temperature(cfg, spec, reader if reader is not None else _maybe_reader(cfg))
   log.info("train %s: %s, teacher temperature %s", variant.name, spec,
            "searched in-step" if spec.search else f"{t:.4g}")
   student = workspace.init_model(cfg, "student", tok)

@@ -112,3 +112,14 @@ def test_online_distillation_with_in_step_temperature_search(workdir, tmp_path):
     if name == "first":  # searched in the step on each batch, smoothed by the EMA
       assert len(set(np.round(t, 6))) > 1 and all(x > 0 for x in t)
   assert os.path.exists(os.path.join(wd, "students", "full_kd", "export", "config.json"))
+
+
+def test_student_fingerprints_follow_the_teacher_and_temperature():
+  a = config_lib.load(["--config", SMOKE])
+  b = config_lib.load(["--config", SMOKE, "--config.finetune.lr=0.5"])  # another teacher
+  for name, follows_teacher in (("sft", False), ("kd", True), ("first", True)):
+    va, vb = train.parse_variant(name, a), train.parse_variant(name, b)
+    same = train.variant_fingerprint(a, va, 1.0) == train.variant_fingerprint(b, vb, 1.0)
+    assert same != follows_teacher, name
+  v = train.parse_variant("first", a)
+  assert train.variant_fingerprint(a, v, 0.5) != train.variant_fingerprint(a, v, 0.6)
