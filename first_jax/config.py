@@ -202,6 +202,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     f"name (gpt2, smollm2), got {cfg.tokenizer!r}")
   for who in ("teacher", "student"):
     _check_model_source(cfg, who)
+  for path in cfg.evaluate.models:
+    _require(os.path.exists(path), "evaluate.models", "existing HF model dirs or .gguf files",
+             path)
 
 
 def model_block(**fields: Any) -> ml_collections.ConfigDict:
@@ -269,7 +272,10 @@ def base() -> ml_collections.ConfigDict:
       k=5, logprob_dtype="float16", batch_size=16, shard_size=256))
   c.calibrate = ml_collections.ConfigDict(dict(
       mode="prob_softmax", num_bins=10, refine=True))
-  c.evaluate = ml_collections.ConfigDict(dict(batch_size=32, num_bins=(10, 15)))
+  c.evaluate = ml_collections.ConfigDict(dict(
+      batch_size=32, num_bins=(10, 15),
+      models=(),  # extra HF model dirs / .gguf files to evaluate beside the workdir's models
+  ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2))
   c.log_every_steps = 10
   # Student variants the pipeline trains and evaluates (see first_jax/pipeline.py).

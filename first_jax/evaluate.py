@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from first_jax import calibration, cli, data as data_lib, io_util, log as log_lib, plots
-from first_jax import sharding, step, temperature, trainer, workspace
+from first_jax import models, sharding, step, temperature, trainer, workspace
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
@@ -79,6 +79,9 @@ def _models(cfg, tok) -> dict[str, Any]:
     path = workspace.folder(cfg, "students", name)
     if os.path.exists(os.path.join(path, "export", "config.json")):
       found[name] = functools.partial(workspace.load_export, cfg, path)
+  for path in cfg.evaluate.models:
+    found[os.path.basename(os.path.normpath(path))] = functools.partial(
+        models.load_pretrained, path, mesh=workspace.mesh(cfg))
   return found
 
 

@@ -123,3 +123,17 @@ def test_student_fingerprints_follow_the_teacher_and_temperature():
     assert same != follows_teacher, name
   v = train.parse_variant("first", a)
   assert train.variant_fingerprint(a, v, 0.5) != train.variant_fingerprint(a, v, 0.6)
+
+
+def test_evaluate_extra_models_by_path(workdir, tmp_path):
+  from first_jax import evaluate
+  import shutil
+  wd = str(tmp_path / "ev")
+  shutil.copytree(workdir, wd)
+  extra = os.path.join(wd, "students", "kd", "export")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}",
+                         f"--config.evaluate.models=('{extra}',)", "--config.students=()"])
+  results = evaluate.run(cfg)
+  assert results["export"]["in_domain"]["accuracy"] == pytest.approx(
+      json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]["kd"]
+      ["in_domain"]["accuracy"])
