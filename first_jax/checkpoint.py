@@ -24,7 +24,8 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
-        ocm.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1),
+        ocm.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1,
+                  keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save,

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from first_jax import assets, data, io_util, sharding, sources, tokenizer as tokenizer_lib
-from first_jax import models
+from first_jax import config as config_lib, models
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ def mesh(cfg: ml_collections.ConfigDict):
 
 def tokenizer(cfg: ml_collections.ConfigDict):
   name = cfg.tokenizer
-  if name == "smollm2":
-    name = str(assets.fetch("smollm2"))
+  if name in config_lib.MODEL_ASSETS:  # the tokenizer inside the model asset (its GGUF)
+    name = str(assets.fetch(name))
   return tokenizer_lib.load(name)
 
 
@@ -160,7 +160,7 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
 
 
 def _source_path(path: str) -> str:
-  return str(assets.fetch(path)) if path in ("smollm2",) else path
+  return str(assets.fetch(path)) if path in config_lib.MODEL_ASSETS else path
 
 
 def model_config(block: ml_collections.ConfigDict, prefix: str) -> models.ModelConfig:
