@@ -42,6 +42,8 @@ def load_run(path: str) -> dict:
 def per_seed(runs: list[dict], model: str, metric: str, where: str) -> np.ndarray:
   vals = []
   for r in runs:
+    if model not in r["results"]:  # a variant some runs did not train
+      continue
     sets = r["results"][model]
     if where == "in_domain":
       vals.append(sets["in_domain"][metric])
@@ -50,17 +52,18 @@ def per_seed(runs: list[dict], model: str, metric: str, where: str) -> np.ndarra
   return np.asarray(vals)
 
 
-def fmt(v: np.ndarray) -> str:
-  return f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
+def fmt(v: np.ndarray, n_runs: int) -> str:
+  s = f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
+  return s if len(v) == n_runs else f"{s} (n={len(v)})"
 
 
 def table(runs: list[dict]) -> str:
-  models = [m for m in ORDER if all(m in r["results"] for r in runs)]
+  models = [m for m in ORDER if any(m in r["results"] for r in runs)]
   head = (["model"] + [f"ID {m}" for m in METRICS] + [f"OOD {m}" for m in METRICS])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m in models:
-    row = [m] + [fmt(per_seed(runs, m, k, "in_domain")) for k in METRICS]
-    row += [fmt(per_seed(runs, m, k, "ood")) for k in METRICS]
+    row = [m] + [fmt(per_seed(runs, m, k, "in_domain"), len(runs)) for k in METRICS]
+    row += [fmt(per_seed(runs, m, k, "ood"), len(runs)) for k in METRICS]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -115,14 +118,14 @@ def main() -> None:
       "## Table", "", table(runs), "",
       "## Target (FIRST vs the fine-tuned student)", "", verdict(runs), "",
       "## Teacher calibration (trustworthy maximisation)", "",
-      "| seed | teacher top-1 acc (val) | mode | best t | ECE at best t | ECE at t=1 (log_space) |",
+      "| seed | teacher top-1 acc (val) | mode | best t | ECE at best t | ECE at t=1 (if on the grid) |",
       "|---|---|---|---|---|---|"]
   for path, c in zip(args.runs, calib):
     for mode in ("prob_softmax", "log_space"):
       cur = c["curves"][mode]
       lines.append(f"| {os.path.basename(path)} | {c['teacher_top1_accuracy']:.4f} | {mode} | "
                    f"{cur['best_t']:.4g} | {cur['best_ece']:.4f} | "
-                   f"{cur['ece_at_t1'] if cur['ece_at_t1'] is not None else '-'} |")
+                   f"{'-' if cur['ece_at_t1'] is None else format(cur['ece_at_t1'], '.4f')} |")
   lines += [
       "", f"![ECE vs temperature](results/figures/{args.name}_ece_vs_t_prob_softmax.png)",
       f"![ECE vs temperature](results/figures/{args.name}_ece_vs_t_log_space.png)", "",
