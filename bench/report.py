@@ -68,6 +68,17 @@ def table(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def headline(runs: list[dict]) -> str:
+  """The compact table README shows: accuracy and ECE, in-domain and out-of-domain mean."""
+  cols = (("in_domain", "accuracy"), ("in_domain", "ece"), ("ood", "accuracy"), ("ood", "ece"))
+  lines = ["| model | ID accuracy | ID ECE | OOD accuracy | OOD ECE |", "|---|---|---|---|---|"]
+  for m in ("teacher_pretrained", "teacher", "sft", "sft+ts", "sft_ls", "kd", "first"):
+    if all(m in r["results"] for r in runs):
+      lines.append(f"| {m} | " + " | ".join(fmt(per_seed(runs, m, k, w), len(runs))
+                                            for w, k in cols) + " |")
+  return "\n".join(lines)
+
+
 def verdict(runs: list[dict], first: str = "first", base: str = "sft") -> str:
   """The issue's target: FIRST ECE >= 30% below SFT's, accuracy at most 1 point lower."""
   out = []
@@ -150,6 +161,8 @@ def main() -> None:
       lines += [f.read()]
   with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+  with open(os.path.join(args.out, "results", f"{args.name}_headline.md"), "w") as f:
+    f.write(headline(runs) + "\n")
   print("\n".join(lines[:12]))
 
 
