@@ -89,7 +89,7 @@ def verdict(runs: list[dict], first: str = "first", base: str = "sft") -> str:
     cut = 1 - e_f / e_s if e_s > 0 else float("nan")
     ok = cut >= 0.30 and (a_s - a_f) <= 0.01
     out.append(f"- {label}: ECE {e_s:.4f} ({base}) -> {e_f:.4f} ({first}), "
-               f"{100 * cut:+.1f}% lower (target >= 30%); accuracy {a_s:.4f} -> {a_f:.4f} "
+               f"change {-100 * cut:+.1f}% (target <= -30%); accuracy {a_s:.4f} -> {a_f:.4f} "
                f"({100 * (a_f - a_s):+.1f} points; target >= -1.0): "
                f"**{'met' if ok else 'missed'}**")
   return "\n".join(out)
