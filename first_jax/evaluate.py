@@ -74,7 +74,8 @@ def _models(cfg, tok) -> dict[str, Any]:
   """Name -> loader of every model the workdir holds."""
   found = {"teacher_pretrained": lambda: workspace.init_model(cfg, "teacher", tok)}
   if os.path.exists(workspace.folder(cfg, "teacher", "export", "config.json")):
-    found["teacher"] = lambda: workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
+    found["teacher"] = functools.partial(workspace.load_export, cfg,
+                                         workspace.folder(cfg, "teacher"), "teacher")
   for name in cfg.students:
     path = workspace.folder(cfg, "students", name)
     if os.path.exists(os.path.join(path, "export", "config.json")):
