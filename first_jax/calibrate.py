@@ -32,7 +32,7 @@ def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
 
 def run(cfg) -> dict:
   out = workspace.folder(cfg, "store")
-  reader = store.StoreReader(out, verify=False)  # the store must exist: calibrate follows extract
+  store.StoreReader(out, verify=False)  # a clear error if extract has not written the store
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
   teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
@@ -72,7 +72,6 @@ def run(cfg) -> dict:
                   f"teacher probability mass inside the top-{k}",
                   "concentrated knowledge (validation answers)")
   store.update_manifest(out, calibration=block)
-  del reader
   return block
 
 

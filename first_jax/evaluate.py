@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
 
 
-def score(model, arrays: dict, batch_size: int, batch_sharding) -> dict[str, np.ndarray]:
+def scorer(model):
+  """The jitted answer-position scoring of `model` (one per model, reused for every set)."""
+  return jax.jit(functools.partial(step.answer_scores, apply=trainer.model_apply(model.module)))
+
+
+def score(fn, model, arrays: dict, batch_size: int, batch_sharding) -> dict[str, np.ndarray]:
   """Answer-position scores of `model` on every row of `arrays`."""
-  fn = jax.jit(functools.partial(step.answer_scores, apply=trainer.model_apply(model.module)))
   n = len(arrays["input_ids"])
   keys = ("input_ids", "attention_mask", "answer_pos", "choice_ids")
   batches = data_lib.BatchIterator(arrays, batch_size, seed=0, shuffle=False,
@@ -109,12 +113,14 @@ def run(cfg) -> dict:
   results: dict[str, dict] = {}
   for name, load in _models(cfg, tok).items():
     model = load()
-    scored = {s: score(model, arrays, cfg.evaluate.batch_size, bs) for s, arrays in sets.items()}
+    fn = scorer(model)
+    scored = {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs)
+              for s, arrays in sets.items()}
     results[name] = {s: metrics(scored[s], sets[s], nb) for s in sets}
     log.info("evaluate %s: ID accuracy %.4f ECE %.4f", name,
              results[name]["in_domain"]["accuracy"], results[name]["in_domain"]["ece"])
     if name == "sft":  # the reviewer's baseline: SFT + post-hoc temperature scaling
-      val = score(model, data.splits["validation"], cfg.evaluate.batch_size, bs)
+      val = score(fn, model, data.splits["validation"], cfg.evaluate.batch_size, bs)
       fit = temperature.fit_nll_temperature_logits(
           jnp.asarray(val["choice_logprobs"]), jnp.asarray(data.splits["validation"]["label"]))
       t = float(fit.t)

@@ -71,7 +71,7 @@ def parse_variant(name: str, cfg) -> Variant:
                   f"(expected sft, sft_ls, kd[-mods], first[-mods], full_kd)")
 
 
-def teacher_temperature(cfg, spec: step.LossSpec, reader: store.StoreReader | None) -> float:
+def teacher_temperature(cfg, spec: step.LossSpec) -> float:
   """The fixed temperature of a FIRST run (calibrated, or a number from the config)."""
   if spec.kind != "topk_kd" or spec.temperature_mode is None or spec.search:
     return 1.0
@@ -82,7 +82,10 @@ def teacher_temperature(cfg, spec: step.LossSpec, reader: store.StoreReader | No
     except ValueError:
       raise UserError(f"config.distill.temperature: expected calibrated, search or a number, "
                       f"got {t!r}") from None
-  calib = reader.calibration if reader is not None else None
+  path = workspace.folder(cfg, "store")
+  calib = None
+  if os.path.exists(os.path.join(path, store.MANIFEST)):
+    calib = store.StoreReader(path, verify=False).calibration
   if not calib:
     raise UserError(f"{workspace.folder(cfg, 'store')}: no calibration in the store manifest "
                     f"(run first_jax.calibrate first)")
@@ -114,7 +117,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   reader = None
   if variant.needs_teacher and not spec.online:
     reader = store.StoreReader(workspace.folder(cfg, "store"))
-  t = teacher_temperature(cfg, spec, reader if reader is not None else _maybe_reader(cfg))
+  t = teacher_temperature(cfg, spec)
   fp = variant_fingerprint(cfg, variant, t)
   if workspace.is_done(out, fp):
     log.info("train %s: done already", variant.name)
@@ -140,12 +143,6 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   workspace.export(workspace.with_params(student, params), tok, os.path.join(out, "export"))
   workspace.mark_done(out, fp, temperature=t)
   return out
-
-
-def _maybe_reader(cfg) -> store.StoreReader | None:
-  path = workspace.folder(cfg, "store")
-  return store.StoreReader(path, verify=False) if os.path.exists(
-      os.path.join(path, store.MANIFEST)) else None
 
 
 def run_checks(cfg) -> list[Variant]:
