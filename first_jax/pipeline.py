@@ -7,25 +7,55 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
-from first_jax import calibrate, cli, evaluate, extract, finetune, io_util, train, workspace
+from first_jax import calibrate, cli, evaluate, extract, finetune, io_util, store, train
+from first_jax import workspace
 
 log = logging.getLogger(__name__)
 
 
+def done_already(cfg) -> set[str]:
+  """The stages a run of `cfg` would skip: their outputs exist and match the config."""
+  if not workspace.is_done(workspace.folder(cfg, "teacher"), finetune.stage_fingerprint(cfg)):
+    return set()
+  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
+  if not os.path.exists(path):
+    return {"finetune"}
+  with open(path) as f:
+    m = json.load(f)
+  if not (m.get("complete") and m.get("teacher", {}).get("fingerprint")
+          == finetune.stage_fingerprint(cfg) and m.get("calibration")):
+    return {"finetune"}
+  for v in train.run_checks(cfg):
+    fp = train.variant_fingerprint(cfg, v, train.teacher_temperature(cfg, v.spec))
+    if not workspace.is_done(workspace.folder(cfg, "students", v.name), fp):
+      return {"finetune", "extract"}
+  return {"finetune", "extract", "train"}
+
+
 def run(cfg) -> dict:
   train.run_checks(cfg)  # every student variant name is checked before any work starts
+  # timings.json keeps the time a stage took when it did its work: a re-run that skips a done
+  # stage keeps the earlier figure rather than writing the seconds the skip took.
+  path = workspace.folder(cfg, "timings.json")
+  skipped = done_already(cfg)
   timings = {}
+  if skipped and os.path.exists(path):
+    with open(path) as f:
+      timings = {k: v for k, v in json.load(f).items() if k in skipped}
   for name, stage in (("finetune", finetune.run), ("extract", extract.run),
                       ("calibrate", calibrate.run), ("train", train.run),
                       ("evaluate", evaluate.run)):
     t0 = time.time()
     log.info("pipeline: %s", name)
     result = stage(cfg)
-    timings[name] = round(time.time() - t0, 2)
-  io_util.atomic_write_json(workspace.folder(cfg, "timings.json"), timings)
-  log.info("pipeline: done in %.1f s (%s)", sum(timings.values()), json.dumps(timings))
+    if name not in timings:
+      timings[name] = round(time.time() - t0, 2)
+  io_util.atomic_write_json(path, timings)
+  log.info("pipeline: done (stage seconds, skipped stages as first measured: %s)",
+           json.dumps(timings))
   return result
 
 

@@ -69,6 +69,23 @@ def test_second_run_skips_finished_stages(workdir, caplog):
   assert sum("done already" in r.message for r in caplog.records) == len(cfg.students)
 
 
+def test_rerun_keeps_the_stage_times_of_the_run_that_did_the_work(workdir):
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  assert pipeline.done_already(cfg) == {"finetune", "extract", "train"}
+  path = os.path.join(workdir, "timings.json")
+  with open(path) as f:
+    first = json.load(f)
+  pipeline.run(cfg)
+  with open(path) as f:
+    second = json.load(f)
+  for stage in ("finetune", "extract", "train"):
+    assert second[stage] == first[stage] > 0, stage
+  assert second["evaluate"] != first["evaluate"]  # evaluate runs again and is timed again
+  other = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}",
+                           "--config.finetune.lr=0.5"])
+  assert pipeline.done_already(other) == set()  # another teacher: nothing is done
+
+
 def test_corrupted_shard_is_refused_naming_it(workdir, tmp_path, capsys):
   import shutil
   wd = str(tmp_path / "copy")
