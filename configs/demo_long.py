@@ -1,0 +1,27 @@
+"""demo_full with students trained five times longer: does FIRST win once fine-tuning runs long
+enough to mis-calibrate the student (the paper's "tuning-induced mis-calibration")?
+
+    bash bench/run_demo_long.sh [SEED ...]   # pipeline per seed, then docs/results_long.md
+
+Same data, teacher (its fingerprint matches demo_full's; the script links a demo_full seed's
+data/, teacher/ and store/ in) and student initialisation as demo_full; students sft, first, kd
+for `epochs` (`:epochs=N`, default 5) epochs instead of 2: about 11 minutes a student on 2 CPU
+cores.
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "first_jax_demo_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+
+
+def get_config(arg: str = ""):
+  args = dict(kv.split("=") for kv in arg.split(",") if kv)
+  epochs = int(args.pop("epochs", 5))
+  c = _demo.get_config(",".join(["full=1"] + [f"{k}={v}" for k, v in args.items()]))
+  c.workdir = f"workdir/demo_long/seed{c.seed}"
+  c.distill.epochs = epochs
+  c.students = ("sft", "first", "kd")
+  return c
