@@ -1,4 +1,4 @@
-"""demo_full with students trained five times longer: does FIRST win once fine-tuning runs long
+"""demo_full with students trained 5 epochs instead of 2: does FIRST win once fine-tuning runs long
 enough to mis-calibrate the student (the paper's "tuning-induced mis-calibration")?
 
     bash bench/run_demo_long.sh [SEED ...]   # pipeline per seed, then docs/results_long.md

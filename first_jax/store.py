@@ -242,9 +242,17 @@ def _short(v: Any) -> str:
   return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _identity(field: str, value: Any) -> Any:
+  # The teacher's export path says where it lived, not what it is (its fingerprint does): a
+  # workdir moved or linked elsewhere keeps its store.
+  if field == "teacher" and isinstance(value, dict):
+    return {k: v for k, v in value.items() if k != "export"}
+  return value
+
+
 def _check_same(store_dir: str, old: dict, new: dict) -> None:
   for f in _SPEC_FIELDS:
-    if old.get(f) != new[f]:
+    if _identity(f, old.get(f)) != _identity(f, new[f]):
       raise UserError(f"store {store_dir}: {f} differs (store: {_short(old.get(f))}, now: "
                       f"{_short(new[f])}); use a new store dir or delete it")
 

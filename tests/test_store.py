@@ -178,6 +178,16 @@ def test_mismatch_refused_naming_field(tmp_path, field, change):
   StoreWriter(tmp_path, _spec(teacher={"step": 3, "path": "teacher-a"}))  # same dict: accepted
 
 
+def test_moved_teacher_export_keeps_the_store_but_another_teacher_does_not(tmp_path):
+  rng = np.random.default_rng(5)
+  spec = _spec(teacher={"export": "/a/teacher/export", "fingerprint": "f1"})
+  _write(StoreWriter(tmp_path, spec), 0, _batch(rng, spec, [0, 1]))
+  moved = StoreWriter(tmp_path, _spec(teacher={"export": "/b/teacher/export", "fingerprint": "f1"}))
+  assert moved.has_shard(0)
+  with pytest.raises(UserError, match="teacher differs"):
+    StoreWriter(tmp_path, _spec(teacher={"export": "/a/teacher/export", "fingerprint": "f2"}))
+
+
 def test_corrupted_and_truncated_shards_refused(tmp_path):
   spec = _spec()
   writer = StoreWriter(tmp_path, spec)
