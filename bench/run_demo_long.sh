@@ -4,7 +4,7 @@
 # demo_full (the same fingerprint): when workdir/demo_full/seed<N> has them they are hard-linked
 # in rather than recomputed (the pipeline checks the fingerprints and re-runs what differs).
 #   bash bench/run_demo_long.sh [SEED ...]          (default: 0 1)
-# Extra pipeline flags: DEMO_LONG_FLAGS="--config.students=('sft','first')" bash ...
+# Extra pipeline flags: DEMO_LONG_FLAGS="--config.students=('sft','first','kd')" bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("$@")

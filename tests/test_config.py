@@ -81,3 +81,19 @@ def test_cli_missing_config_file_exits_2(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "first_jax.train", "--config", "missing.py"],
                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
   assert proc.returncode == 2 and "missing.py: file not found" in proc.stderr
+
+
+def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
+  from first_jax import finetune, train
+  path = lambda name: os.path.join(ROOT, "configs", f"{name}.py")  # noqa: E731
+  demo = config_lib.load(["--config", path("demo") + ":seed=1"])
+  full = config_lib.load(["--config", path("demo_full") + ":seed=1"])
+  long = config_lib.load(["--config", path("demo_long") + ":seed=1,epochs=4"])
+  assert demo.seed == full.seed == long.seed == 1
+  assert (demo.distill.epochs, full.distill.epochs, long.distill.epochs) == (1, 2, 4)
+  assert len(set((demo.workdir, full.workdir, long.workdir))) == 3
+  # run_demo_long.sh links demo_full's teacher in: the same fingerprint, or it would retrain
+  assert finetune.stage_fingerprint(long) == finetune.stage_fingerprint(full)
+  assert finetune.stage_fingerprint(demo) != finetune.stage_fingerprint(full)  # OOD sizes differ
+  for cfg in (demo, full, long):
+    train.run_checks(cfg)  # every student name parses
