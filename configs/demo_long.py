@@ -8,19 +8,18 @@ data/, teacher/ and store/ in) and student initialisation as demo_full; students
 (add kd with --config.students="('sft','first','kd')") for `epochs` (`:epochs=N`, default 5)
 epochs instead of 2: about 12 minutes a student on 2 CPU cores.
 """
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "first_jax_demo_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+from first_jax import config as config_lib
+
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 def get_config(arg: str = ""):
   args = dict(kv.split("=") for kv in arg.split(",") if kv)
   epochs = int(args.pop("epochs", 5))
-  c = _demo.get_config(",".join(["full=1"] + [f"{k}={v}" for k, v in args.items()]))
+  demo_args = ",".join(["full=1"] + [f"{k}={v}" for k, v in args.items()])
+  c = config_lib.load_file(f"{_DEMO}:{demo_args}")
   c.workdir = f"workdir/demo_long/seed{c.seed}"
   c.distill.epochs = epochs
   c.students = ("sft", "first")

@@ -17,10 +17,14 @@ def stage_fingerprint(cfg) -> str:
   return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.teacher, cfg.finetune)
 
 
+def is_done(cfg) -> bool:
+  return workspace.is_done(workspace.folder(cfg, "teacher"), stage_fingerprint(cfg))
+
+
 def run(cfg) -> str:
   out = workspace.folder(cfg, "teacher")
   fp = stage_fingerprint(cfg)
-  if workspace.is_done(out, fp):
+  if is_done(cfg):
     log.info("finetune: done already (%s)", out)
     return out
   tok = workspace.tokenizer(cfg)

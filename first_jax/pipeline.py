@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def done_already(cfg) -> set[str]:
   """The stages a run of `cfg` would skip: their outputs exist and match the config."""
-  if not workspace.is_done(workspace.folder(cfg, "teacher"), finetune.stage_fingerprint(cfg)):
+  if not finetune.is_done(cfg):
     return set()
   path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
   if not os.path.exists(path):
@@ -28,10 +28,8 @@ def done_already(cfg) -> set[str]:
   if not (m.get("complete") and m.get("teacher", {}).get("fingerprint")
           == finetune.stage_fingerprint(cfg) and m.get("calibration")):
     return {"finetune"}
-  for v in train.run_checks(cfg):
-    fp = train.variant_fingerprint(cfg, v, train.teacher_temperature(cfg, v.spec))
-    if not workspace.is_done(workspace.folder(cfg, "students", v.name), fp):
-      return {"finetune", "extract"}
+  if not all(train.is_done(cfg, v) for v in train.run_checks(cfg)):
+    return {"finetune", "extract"}
   return {"finetune", "extract", "train"}
 
 

@@ -111,17 +111,22 @@ def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
                                cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t)
 
 
+def is_done(cfg, variant: Variant) -> bool:
+  fp = variant_fingerprint(cfg, variant, teacher_temperature(cfg, variant.spec))
+  return workspace.is_done(workspace.folder(cfg, "students", variant.name), fp)
+
+
 def train_variant(cfg, variant: Variant, tok, data) -> str:
   out = workspace.folder(cfg, "students", variant.name)
   spec = variant.spec
-  reader = None
-  if variant.needs_teacher and not spec.online:
-    reader = store.StoreReader(workspace.folder(cfg, "store"))
-  t = teacher_temperature(cfg, spec)
-  fp = variant_fingerprint(cfg, variant, t)
-  if workspace.is_done(out, fp):
+  if is_done(cfg, variant):
     log.info("train %s: done already", variant.name)
     return out
+  t = teacher_temperature(cfg, spec)
+  fp = variant_fingerprint(cfg, variant, t)
+  reader = None
+  if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
+    reader = store.StoreReader(workspace.folder(cfg, "store"))
   mesh = workspace.mesh(cfg)
   teacher = None
   if spec.online:
