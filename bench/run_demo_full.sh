@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo_full experiment: the pipeline for each seed, then the report in docs/results.md.
+# The demo_full experiment: the pipeline for each seed, then the report in docs/results_demo_full.md.
 #   bash bench/run_demo_full.sh [SEED ...]          (default: 0 1 2)
 # WORKDIR_<seed> overrides a seed's workdir (default workdir/demo_full/seed<seed>).
 set -euo pipefail
@@ -13,4 +13,5 @@ for s in "${seeds[@]}"; do
   python -m first_jax.pipeline --config "configs/demo_full.py:seed=$s" --config.workdir="$wd"
   runs+=("$wd")
 done
-python bench/report.py --runs "${runs[@]}" --out docs --title "demo_full (${#runs[@]} seeds)"
+python bench/report.py --runs "${runs[@]}" --out docs --name results_demo_full \
+  --config-name configs/demo_full.py --title "demo_full (${#runs[@]} seeds)"

@@ -22,4 +22,5 @@ for s in "${seeds[@]}"; do
   runs+=("$wd")
 done
 python bench/report.py --runs "${runs[@]}" --out docs --name results_long \
+  --config-name configs/demo_long.py \
   --title "demo_long: students trained 5 epochs (${#runs[@]} seeds)"

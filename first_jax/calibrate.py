@@ -1,9 +1,13 @@
 """Stage 2: "trustworthy maximisation" — the teacher temperature that minimises its ECE.
 
-The fine-tuned teacher's top-k at each validation example's answer position gives one event:
-confidence = re-scaled top-1 probability, correct = top-1 id is the gold answer letter.
-`temperature.search` scans a grid (then a finer one) in one compiled program, for both scaling
-modes; the results, the ECE-vs-temperature curves and the share of probability mass inside the
+The fine-tuned teacher's top-k at each validation example's answer position gives one event,
+scored as the evaluation scores every model (`evaluate.scoring`): `choices` — the re-scaled
+top-k read at the answer letters and renormalised over them, confidence = the most likely
+letter's probability, correct = it is the gold letter; `vocab` — the re-scaled top-1 over the
+full vocabulary (+ tail bin), correct = it is the gold letter. `temperature.search` scans a grid
+(then a finer one) in one compiled program, for every scaling mode and tail handling (each
+student trains with the temperature searched for its own); the premise check (is the teacher
+over-confident?), the ECE-vs-temperature curves and the share of probability mass inside the
 top-k for k = 1..20 ("concentrated knowledge") go into the store manifest and PNGs.
 """
 from __future__ import annotations
@@ -15,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import cli, extract, plots, sharding, store, temperature, workspace
+from first_jax import calibration, cli, extract, plots, sharding, store, temperature, workspace
+from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 MAX_K_REPORT = 20
+TAILS = ("bucket", "renormalize")
 
 
 def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
@@ -28,6 +34,52 @@ def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
   gold = arrays["choice_ids"][rows, arrays["label"]]
   return (top["teacher_logprobs"][rows, pos], top["teacher_ids"][rows, pos],
           top["teacher_tail"][rows, pos], gold)
+
+
+def run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, *, num_bins: int,
+                 refine: bool) -> dict[str, dict]:
+  """The ECE search for every (scaling mode, tail handling) a student may train with.
+
+  `choice_NxC` None: events scored on the full vocabulary's top-1; else over the choices.
+  """
+  out = {}
+  args = [jnp.asarray(x) for x in (lp_NxK, ids_NxK, gold_N, tail_N)]
+  choice = None if choice_NxC is None else jnp.asarray(choice_NxC)
+  for mode in temperature.MODES:
+    for tail in TAILS:
+      res = jax.device_get(jax.jit(lambda a, b, c, d, e, mode=mode, tail=tail: temperature.search(
+          a, b, c, mode=mode, num_bins=num_bins, refine=refine,
+          tail_logmass_N=d if tail == "bucket" else None, choice_ids_NxC=e))(*args, choice))
+      at1 = np.flatnonzero(res.temperatures_T == 1.0)
+      out[store.search_key(mode, tail)] = {
+          "best_t": float(res.best_t), "best_ece": float(res.best_ece),
+          # the identity exists in log_space only (prob_softmax at t = 1 is not the teacher)
+          "ece_at_identity": float(res.ece_T[at1[0]]) if mode == "log_space" and len(at1)
+                             else None,
+          "temperatures": res.temperatures_T.tolist(), "ece": res.ece_T.tolist(),
+          "nll": res.nll_T.tolist(), "brier": res.brier_T.tolist()}
+      log.info("calibrate %s: best t=%.4g ECE=%.4f", store.search_key(mode, tail), res.best_t,
+               res.best_ece)
+  return out
+
+
+def premise(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, searches: dict, tail: str,
+            num_bins: int) -> dict:
+  """FIRST's premise, in-domain: the fine-tuned teacher is over-confident on held-out data
+  (mean confidence above accuracy) and the searched log_space temperature softens it (t > 1)."""
+  choice = None if choice_NxC is None else jnp.asarray(choice_NxC)
+  conf_N = np.asarray(temperature.event_confidence(lp_NxK, ids_NxK, 1.0, "log_space", tail_N,
+                                                   choice))
+  correct_N = np.asarray(temperature.event_correct(lp_NxK, ids_NxK, gold_N, choice))
+  t_log = searches[store.search_key("log_space", tail)]["best_t"]
+  out = {"teacher_val_confidence": float(conf_N.mean()),
+         "teacher_val_accuracy": float(correct_N.mean()),
+         "teacher_val_ece": float(calibration.ece(jnp.asarray(conf_N), jnp.asarray(correct_N),
+                                                  num_bins)),
+         "t_log_space": t_log, "t_prob_softmax": searches[store.search_key("prob_softmax", tail)][
+             "best_t"], "tail": tail}
+  out["holds"] = bool(out["teacher_val_confidence"] > out["teacher_val_accuracy"] and t_log > 1)
+  return out
 
 
 def run(cfg) -> dict:
@@ -45,33 +97,39 @@ def run(cfg) -> dict:
   mass_NxR = np.cumsum(np.exp(lp_NxR.astype(np.float64)), axis=-1)
   lp_NxK, ids_NxK = lp_NxR[:, :k], ids_NxR[:, :k]
   tail_N = np.log1p(-np.minimum(mass_NxR[:, k - 1], 1 - 1e-7)).astype(np.float32)
-  curves = {}
-  for mode in ("prob_softmax", "log_space"):
-    res = jax.jit(lambda a, b, c, d, mode=mode: temperature.search(
-        a, b, c, mode=mode, num_bins=cfg.calibrate.num_bins, refine=cfg.calibrate.refine,
-        tail_logmass_N=d if cfg.distill.tail == "bucket" else None))(
-            jnp.asarray(lp_NxK), jnp.asarray(ids_NxK), jnp.asarray(gold_N), jnp.asarray(tail_N))
-    res = jax.device_get(res)
-    t1 = np.argmin(np.abs(res.temperatures_T - 1.0))
-    curves[mode] = {
-        "best_t": float(res.best_t), "best_ece": float(res.best_ece),
-        "ece_at_t1": float(res.ece_T[t1]) if abs(res.temperatures_T[t1] - 1) < 1e-6 else None,
-        "temperatures": res.temperatures_T.tolist(), "ece": res.ece_T.tolist(),
-        "nll": res.nll_T.tolist(), "brier": res.brier_T.tolist()}
-    plots.temperature_curve(os.path.join(out, f"calibration_{mode}.png"), res.temperatures_T,
-                            res.ece_T, float(res.best_t),
-                            f"teacher ECE vs temperature ({mode})")
-    log.info("calibrate %s: best t=%.4g ECE=%.4f", mode, res.best_t, res.best_ece)
+  choice_NxC = val["choice_ids"] if cfg.evaluate.scoring == "choices" else None
+  nb = cfg.calibrate.num_bins
+  searches = run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, num_bins=nb,
+                          refine=cfg.calibrate.refine)
+  tail = cfg.distill.tail
+  for mode in temperature.MODES:
+    res = searches[store.search_key(mode, tail)]
+    plots.temperature_curve(os.path.join(out, f"calibration_{mode}.png"),
+                            np.asarray(res["temperatures"]), np.asarray(res["ece"]),
+                            res["best_t"], f"teacher ECE vs temperature ({mode}, {tail} tail, "
+                            f"{cfg.evaluate.scoring} scoring)")
+  check = premise(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, searches, tail, nb)
   block = {
-      "mode": cfg.calibrate.mode, "temperature": curves[cfg.calibrate.mode]["best_t"],
-      "num_events": int(len(gold_N)), "num_bins": cfg.calibrate.num_bins,
-      "teacher_top1_accuracy": float(np.mean(ids_NxK[:, 0] == gold_N)), "curves": curves,
+      "scoring": cfg.evaluate.scoring, "mode": cfg.calibrate.mode,
+      "temperature": searches[store.search_key(cfg.calibrate.mode, tail)]["best_t"],
+      "num_events": int(len(gold_N)), "num_bins": nb, "premise": check, "searches": searches,
+      "teacher_top1_accuracy": float(np.mean(ids_NxK[:, 0] == gold_N)),
       "topk_mass_mean": mass_NxR.mean(axis=0).tolist(),  # k = 1..k_report
   }
   plots.histogram(os.path.join(out, "topk_mass.png"), mass_NxR[:, k - 1], 20,
                   f"teacher probability mass inside the top-{k}",
                   "concentrated knowledge (validation answers)")
   store.update_manifest(out, calibration=block)
+  verdict = "HOLDS" if check["holds"] else "DOES NOT HOLD"
+  log.info("premise %s: teacher validation confidence %.4f vs accuracy %.4f (%s scoring, %d "
+           "questions); searched log_space t=%.4g (%s)", verdict, check["teacher_val_confidence"],
+           check["teacher_val_accuracy"], cfg.evaluate.scoring, len(gold_N),
+           check["t_log_space"], "softens" if check["t_log_space"] > 1 else "sharpens")
+  if cfg.calibrate.require_premise and not check["holds"]:
+    raise UserError(f"calibrate.require_premise: the teacher is not over-confident on validation "
+                    f"(confidence {check['teacher_val_confidence']:.4f}, accuracy "
+                    f"{check['teacher_val_accuracy']:.4f}, log_space t {check['t_log_space']:.3g}"
+                    f"); fine-tune it longer (finetune.epochs) or set the key to false")
   return block
 
 

@@ -183,6 +183,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              cfg[block].batch_size)
   _require(cfg.calibrate.mode in ("prob_softmax", "log_space"), "calibrate.mode",
            "prob_softmax or log_space", cfg.calibrate.mode)
+  _require(cfg.evaluate.scoring in ("choices", "vocab"), "evaluate.scoring", "choices or vocab",
+           cfg.evaluate.scoring)
+  d = cfg.distill
+  _require(d.seed >= -1, "distill.seed", "-1 (the run's seed) or a seed >= 0", d.seed)
+  _require(d.search_events >= 1, "distill.search_events", "an integer >= 1", d.search_events)
+  _require(0 <= d.search_min_events <= d.search_events, "distill.search_min_events",
+           "0 <= value <= distill.search_events", d.search_min_events)
+  _require(0.0 <= d.temperature_ema < 1.0, "distill.temperature_ema", "0 <= value < 1",
+           d.temperature_ema)
+  _require(all(isinstance(b, int) and 2 <= b <= cfg.data.max_len for b in d.length_buckets),
+           "distill.length_buckets", f"lengths between 2 and data.max_len ({cfg.data.max_len})",
+           d.length_buckets)
   _require(cfg.distill.tail in ("bucket", "renormalize"), "distill.tail",
            "bucket or renormalize", cfg.distill.tail)
   _require(cfg.distill.mode in ("offline", "online"), "distill.mode", "offline or online",
@@ -265,15 +277,28 @@ def base() -> ml_collections.ConfigDict:
       direction="forward",  # forward | reverse | jsd
       temperature="calibrated",  # calibrated (from the store manifest) | search (online) | a number
       temperature_mode="prob_softmax",  # prob_softmax (paper) | log_space
-      temperature_ema=0.9,  # smoothing of the in-step searched temperature (online search)
+      temperature_ema=0.0,  # smoothing of the in-step searched temperature over steps
+      search_events=1024,  # online search: events kept from the latest steps (a ring buffer)
+      search_min_events=256,  # online search: the start temperature is kept until this many
       label_smoothing=0.1,  # of the sft_ls student baseline
+      seed=-1,  # students' batch order; -1: config.seed (>= 0: student seeds over one teacher)
+      # Batch rows of similar length together and cut each batch's padding to the smallest of
+      # these lengths holding it (one compile each); (): every batch at data.max_len.
+      length_buckets=(),
   ))
   c.extract = ml_collections.ConfigDict(dict(
       k=5, logprob_dtype="float16", batch_size=16, shard_size=256))
   c.calibrate = ml_collections.ConfigDict(dict(
-      mode="prob_softmax", num_bins=10, refine=True))
+      mode="prob_softmax", num_bins=10, refine=True,
+      require_premise=False,  # stop before the students if the teacher is not over-confident
+  ))
   c.evaluate = ml_collections.ConfigDict(dict(
       batch_size=32, num_bins=(10, 15),
+      # What confidence and correctness mean, in the temperature search, the post-hoc scaling
+      # fits and the headline metrics alike: choices = softmax over the answer letters
+      # (lm-eval style); vocab = the full-vocabulary top-1 (FIRST's reference code).
+      scoring="choices",
+      post_hoc=("sft", "first"),  # students also reported with post-hoc temperature scaling
       models=(),  # extra HF model dirs / .gguf files to evaluate beside the workdir's models
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2))

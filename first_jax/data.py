@@ -336,7 +336,8 @@ class BatchIterator:
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
-               shuffle: bool = True, drop_remainder: bool = True, num_epochs: int | None = None):
+               shuffle: bool = True, drop_remainder: bool = True, num_epochs: int | None = None,
+               length_buckets: Sequence[int] = ()):
     sizes = {len(a) for a in arrays.values()}
     if len(sizes) != 1 or "valid" in arrays:
       raise UserError("data: arrays must share their leading size and not contain 'valid'")
@@ -347,7 +348,36 @@ class BatchIterator:
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.num_epochs = num_epochs
     self.batches_per_epoch = num_steps(self._n, batch_size, 1, drop_remainder)
+    self.length_buckets = tuple(sorted(length_buckets))
+    if self.length_buckets and not (shuffle and drop_remainder):
+      raise UserError("data.length_buckets: only for shuffled training batches")
+    self._lengths = (np.asarray(arrays["attention_mask"]).sum(-1) if self.length_buckets
+                     else None)
     self._epoch, self._index, self._order = 0, 0, None
+
+  def _epoch_order(self) -> np.ndarray:
+    """This epoch's row order; batch i is rows [i * B, (i + 1) * B).
+
+    With length buckets, rows are dealt in a random order into the smallest bucket holding
+    them; each bucket is cut into batches (its leftover rows join the next, longer bucket) and
+    the batches are shuffled, so a batch's rows have similar lengths and `trim_batch` can cut
+    its padding. The same rows are visited each epoch; only the last < B rows are left out.
+    """
+    rng = np.random.default_rng([self.seed, self._epoch])
+    perm = rng.permutation(self._n)
+    if not self.length_buckets:
+      return perm
+    b = self.batch_size
+    which = np.minimum(np.searchsorted(self.length_buckets, self._lengths[perm], side="left"),
+                       len(self.length_buckets) - 1)
+    batches, carry = [], np.zeros(0, perm.dtype)
+    for i in range(len(self.length_buckets)):
+      rows = np.concatenate([carry, perm[which == i]])
+      full = len(rows) // b * b
+      batches += list(rows[:full].reshape(-1, b))
+      carry = rows[full:]
+    order = [batches[j] for j in rng.permutation(len(batches))] + [carry]
+    return np.concatenate(order)
 
   def state(self) -> dict[str, int]:
     return {"epoch": self._epoch, "index": self._index}
@@ -367,8 +397,7 @@ class BatchIterator:
     if self.num_epochs is not None and self._epoch >= self.num_epochs:
       raise StopIteration
     if self._order is None:
-      self._order = (np.random.default_rng([self.seed, self._epoch]).permutation(self._n)
-                     if self.shuffle else np.arange(self._n))
+      self._order = (self._epoch_order() if self.shuffle else np.arange(self._n))
     b = self.batch_size
     rows = self._order[self._index * b:(self._index + 1) * b]
     valid_B = np.zeros(b, np.float32)
@@ -380,6 +409,18 @@ class BatchIterator:
     batch = {k: a[rows] for k, a in self._arrays.items()}
     batch["valid"] = valid_B
     return batch
+
+
+def trim_batch(batch: Mapping[str, np.ndarray], length_buckets: Sequence[int]) -> dict:
+  """Cuts the padding columns of a right-padded batch down to the smallest bucket that holds
+  its longest row (every [B, L, ...] entry); exact for a causal model. () -> unchanged."""
+  length = batch["input_ids"].shape[1]
+  if not length_buckets:
+    return dict(batch)
+  longest = int(np.asarray(batch["attention_mask"]).sum(-1).max())
+  keep = min([b for b in length_buckets if b >= longest] + [length])
+  return {k: (v[:, :keep] if np.ndim(v) >= 2 and v.shape[1] == length else v)
+          for k, v in batch.items()}
 
 
 def host_slice(arrays: Mapping[str, np.ndarray], host_id: int,

@@ -1,20 +1,30 @@
 """Stage 4: accuracy and calibration of every model, in-domain and out-of-domain.
 
-Each model is scored at each example's answer position (the output head runs there only):
-  choice   softmax over the choice letters' log-probs (lm-eval-harness style): accuracy,
-           confidence, ECE (10 and 15 bins, equal-width and equal-mass), MCE, Brier, NLL
-  vocab    the reference code's way: correct if the full-vocabulary top-1 token is the gold
-           letter, confidence = its probability: accuracy, ECE (10 bins)
-Rows: the pre-trained and fine-tuned teacher, every trained student variant, and `sft+ts` (the
-SFT student with post-hoc temperature scaling fitted on the validation split). Writes
-eval/results.json, eval/results.md and reliability diagrams.
+Each model is scored at each example's answer position (the output head runs there only), and
+read two ways; `evaluate.scoring` picks the headline one, the one the temperature search and the
+post-hoc fits also use (results carry both):
+  choices  softmax over the answer letters' log-probs (lm-eval-harness style): the most likely
+           letter is the prediction, its probability the confidence; Brier and NLL over the
+           letters
+  vocab    the reference code's way: the full-vocabulary top-1 token is the prediction (correct
+           if it is the gold letter), its probability the confidence; Brier and NLL of that
+           binary event
+Metrics: accuracy, mean confidence, ECE (10 and 15 bins, equal-width and equal-mass), MCE, Brier,
+NLL, reliability bins. Rows: the pre-trained and fine-tuned teacher, every trained student, and
+`<student>+ts` for each student in `evaluate.post_hoc` (post-hoc temperature scaling fitted by
+NLL on the validation split, under the same scoring), and `sft@val`, the SFT student among
+`sft` and `sft@E` (E epochs) with the lowest validation NLL, when several were trained. Writes eval/results.json (metrics),
+eval/events.json (per-example confidence and correctness, for bootstrap intervals),
+eval/results.md and reliability diagrams. Scores are cached per model in eval/scores/, keyed by
+the model's and the data's fingerprints, so a re-run only scores what changed.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +35,30 @@ from first_jax import models, sharding, step, temperature, trainer, workspace
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
+TOP_R = 20  # full-vocabulary top tokens kept per example (vocab scoring at t != 1: + tail bin)
+
+
+def answer_scores(params: Any, batch: dict[str, jax.Array], *,
+                  apply: step.Apply) -> dict[str, jax.Array]:
+  """Log-probabilities at each example's answer position, the output head run there only.
+
+  Returns top_logprobs_BxR / top_ids_BxR (the full vocabulary's top TOP_R) and
+  choice_logprobs_BxC (full-vocabulary log-probs of the choice letters; -inf for padding -1).
+  """
+  spec = step.LossSpec(answer_only=True)
+  logits_BxV = step.student_logits(params, batch, apply, spec)[:, 0].astype(jnp.float32)
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  choice_ids_BxC = batch["choice_ids"]
+  choice_BxC = jnp.take_along_axis(logprobs_BxV, jnp.maximum(choice_ids_BxC, 0), axis=-1)
+  choice_BxC = jnp.where(choice_ids_BxC >= 0, choice_BxC, -jnp.inf)
+  top_BxR, ids_BxR = jax.lax.top_k(logprobs_BxV, TOP_R)
+  return {"top_logprobs": top_BxR, "top_ids": ids_BxR.astype(jnp.int32),
+          "choice_logprobs": choice_BxC}
 
 
 def scorer(model):
   """The jitted answer-position scoring of `model` (one per model, reused for every set)."""
-  return jax.jit(functools.partial(step.answer_scores, apply=trainer.model_apply(model.module)))
+  return jax.jit(functools.partial(answer_scores, apply=trainer.model_apply(model.module)))
 
 
 def score(fn, model, arrays: dict, batch_size: int, batch_sharding) -> dict[str, np.ndarray]:
@@ -43,18 +72,44 @@ def score(fn, model, arrays: dict, batch_size: int, batch_sharding) -> dict[str,
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
 
-def metrics(scores: dict, arrays: dict, num_bins: tuple[int, ...], t: float = 1.0) -> dict:
-  """Calibration metrics of one model on one set (`t`: post-hoc temperature on choices)."""
-  label_N = jnp.asarray(arrays["label"])
-  choice_NxC = jnp.asarray(scores["choice_logprobs"]) / t
-  lp_NxC = jax.nn.log_softmax(choice_NxC, axis=-1)
-  p_NxC = jnp.exp(lp_NxC)
-  conf_N = jnp.max(p_NxC, axis=-1)
-  correct_N = (jnp.argmax(p_NxC, axis=-1) == label_N).astype(jnp.float32)
+def _tail(top_NxR: np.ndarray) -> np.ndarray:
+  mass_N = np.exp(top_NxR.astype(np.float64)).sum(-1)
+  return np.log1p(-np.minimum(mass_N, 1 - 1e-7)).astype(np.float32)
+
+
+def events(scores: dict, arrays: dict, scoring: str, t: float = 1.0) -> dict[str, np.ndarray]:
+  """Per-example confidence, correctness, and class log-probs under `scoring` at temperature t.
+
+  choices: log_softmax(choice log-probs / t) (temperature scaling of the letters' logits).
+  vocab: the top-1 of the full vocabulary's top TOP_R + tail, re-scaled in log space (t = 1:
+  the model's own top-1 probability); its "classes" are (top-1, rest).
+  """
+  label_N = np.asarray(arrays["label"])
+  if scoring == "choices":
+    lp_NxC = np.asarray(jax.nn.log_softmax(jnp.asarray(scores["choice_logprobs"]) / t, axis=-1))
+    return {"confidence": np.exp(lp_NxC.max(-1)),
+            "correct": (lp_NxC.argmax(-1) == label_N).astype(np.float32),
+            "logprobs": lp_NxC, "label": label_N}
+  gold_N = np.asarray(arrays["choice_ids"])[np.arange(len(label_N)), label_N]
+  top_NxR, ids_NxR = scores["top_logprobs"], scores["top_ids"]
+  conf_N = np.asarray(temperature.event_confidence(top_NxR, ids_NxR, t, "log_space",
+                                                   _tail(top_NxR)), np.float64)
+  correct_N = (ids_NxR[:, 0] == gold_N).astype(np.float32)
+  conf_N = np.clip(conf_N, 1e-12, 1 - 1e-12)
+  lp_Nx2 = np.log(np.stack([conf_N, 1 - conf_N], -1))
+  return {"confidence": conf_N.astype(np.float32), "correct": correct_N, "logprobs": lp_Nx2,
+          "label": (1 - correct_N).astype(np.int32)}  # class 0 = "the top-1 is right"
+
+
+def metrics(ev: dict[str, np.ndarray], num_bins: tuple[int, ...]) -> dict[str, Any]:
+  """Calibration metrics of one model on one set, from `events`."""
+  conf_N, correct_N = jnp.asarray(ev["confidence"]), jnp.asarray(ev["correct"])
+  lp = jnp.asarray(ev["logprobs"], jnp.float32)
+  label_N = jnp.asarray(ev["label"])
   out: dict[str, Any] = {
-      "n": int(len(label_N)), "accuracy": float(correct_N.mean()),
-      "confidence": float(conf_N.mean()), "brier": float(calibration.brier(p_NxC, label_N)),
-      "nll": float(calibration.nll(lp_NxC, label_N))}
+      "n": int(len(correct_N)), "accuracy": float(correct_N.mean()),
+      "confidence": float(conf_N.mean()), "brier": float(calibration.brier(jnp.exp(lp), label_N)),
+      "nll": float(calibration.nll(lp, label_N))}
   for nb in num_bins:
     for binning, tag in (("equal_width", ""), ("equal_mass", "_mass")):
       out[f"ece{nb}{tag}"] = float(calibration.ece(conf_N, correct_N, nb, binning))
@@ -64,30 +119,80 @@ def metrics(scores: dict, arrays: dict, num_bins: tuple[int, ...], t: float = 1.
   out["reliability"] = {"count": np.asarray(rel.count_M).tolist(),
                         "confidence": np.asarray(rel.confidence_M).tolist(),
                         "accuracy": np.asarray(rel.accuracy_M).tolist()}
-  gold_N = np.asarray(arrays["choice_ids"])[np.arange(len(label_N)), arrays["label"]]
-  v_correct = (scores["top1_id"] == gold_N).astype(np.float32)
-  v_conf = np.exp(scores["top1_logprob"])
-  out["vocab_accuracy"] = float(v_correct.mean())
-  out["vocab_confidence"] = float(v_conf.mean())
-  out["vocab_ece"] = float(calibration.ece(jnp.asarray(v_conf), jnp.asarray(v_correct),
-                                           num_bins[0]))
   return out
 
 
-def _models(cfg, tok) -> dict[str, Any]:
-  """Name -> loader of every model the workdir holds."""
-  found = {"teacher_pretrained": lambda: workspace.init_model(cfg, "teacher", tok)}
-  if os.path.exists(workspace.folder(cfg, "teacher", "export", "config.json")):
-    found["teacher"] = functools.partial(workspace.load_export, cfg,
-                                         workspace.folder(cfg, "teacher"), "teacher")
+def both_scorings(scores: dict, arrays: dict, scoring: str, nb: tuple[int, ...],
+                  t: float = 1.0) -> tuple[dict, dict]:
+  """(metrics under `scoring` + the other scoring's summary, that scoring's events)."""
+  main = events(scores, arrays, scoring, t)
+  out = metrics(main, nb)
+  out["scoring"] = scoring
+  other = "vocab" if scoring == "choices" else "choices"
+  m = metrics(events(scores, arrays, other, t), nb)
+  out[other] = {k: m[k] for k in ("accuracy", "confidence", "ece", "ece10_mass", "mce", "brier",
+                                  "nll")}
+  return out, main
+
+
+def fit_post_hoc(scores: dict, arrays: dict, scoring: str) -> float:
+  """Post-hoc temperature minimising the NLL of the scoring's events on `arrays` (validation)."""
+  label_N = jnp.asarray(arrays["label"])
+  if scoring == "choices":
+    return float(temperature.fit_nll_temperature_logits(
+        jnp.asarray(scores["choice_logprobs"]), label_N).t)
+  gold_N = np.asarray(arrays["choice_ids"])[np.arange(len(label_N)), np.asarray(label_N)]
+  top_NxR = scores["top_logprobs"]
+  return float(temperature.fit_nll_temperature(
+      jnp.asarray(top_NxR), jnp.asarray(scores["top_ids"]), jnp.asarray(gold_N),
+      mode="log_space", tail_logmass_N=jnp.asarray(_tail(top_NxR))).t)
+
+
+def _done_fingerprint(folder: str) -> str | None:
+  path = os.path.join(folder, "done.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("fingerprint")
+
+
+def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
+  """Name -> (loader, fingerprint of the model or None: not cached) of every model found."""
+  found = {"teacher_pretrained": (lambda: workspace.init_model(cfg, "teacher", tok),
+                                  workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.teacher))}
+  teacher = workspace.folder(cfg, "teacher")
+  if os.path.exists(os.path.join(teacher, "export", "config.json")):
+    found["teacher"] = (functools.partial(workspace.load_export, cfg, teacher, "teacher"),
+                        _done_fingerprint(teacher))
   for name in cfg.students:
     path = workspace.folder(cfg, "students", name)
     if os.path.exists(os.path.join(path, "export", "config.json")):
-      found[name] = functools.partial(workspace.load_export, cfg, path)
+      found[name] = (functools.partial(workspace.load_export, cfg, path), _done_fingerprint(path))
   for path in cfg.evaluate.models:
-    found[os.path.basename(os.path.normpath(path))] = functools.partial(
-        models.load_pretrained, path, mesh=workspace.mesh(cfg))
+    found[os.path.basename(os.path.normpath(path))] = (
+        functools.partial(models.load_pretrained, path, mesh=workspace.mesh(cfg)), None)
   return found
+
+
+def cached_scores(cache_dir: str, name: str, key: str | None,
+                  compute: Callable[[], dict[str, dict]]) -> dict[str, dict]:
+  """{set: scores} from eval/scores/<name>.npz when its key matches, else computed and saved."""
+  path = os.path.join(cache_dir, f"{name}.npz")
+  if key is not None and os.path.exists(path):
+    with np.load(path) as z:
+      if str(z["key"]) == key:
+        out: dict[str, dict] = {}
+        for k in z.files:
+          if k != "key":
+            s, field = k.split("|")
+            out.setdefault(s, {})[field] = z[k]
+        log.info("evaluate %s: scores cached (%s)", name, path)
+        return out
+  out = compute()
+  if key is not None:
+    flat = {f"{s}|{f}": v for s, d in out.items() for f, v in d.items()}
+    io_util.atomic_write_npz(path, key=np.asarray(key), **flat)
+  return out
 
 
 def table(results: dict, in_domain: str, ood: list[str]) -> str:
@@ -103,38 +208,66 @@ def table(results: dict, in_domain: str, ood: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _compact(ev: dict[str, np.ndarray]) -> dict[str, list]:
+  return {"confidence": np.round(ev["confidence"].astype(np.float64), 5).tolist(),
+          "correct": ev["correct"].astype(int).tolist()}
+
+
 def run(cfg) -> dict:
   out = workspace.folder(cfg, "eval")
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
-  sets = {"in_domain": data.splits["test"], **{f"ood:{k}": v for k, v in data.ood.items()}}
+  sets = {"in_domain": data.splits["test"], **{f"ood:{k}": v for k, v in data.ood.items()},
+          "validation": data.splits["validation"]}
   bs = sharding.batch_sharding(workspace.mesh(cfg))
-  nb = tuple(cfg.evaluate.num_bins)
+  nb, scoring = tuple(cfg.evaluate.num_bins), cfg.evaluate.scoring
+  data_key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
+                                   cfg.data.num_ood_examples, TOP_R)
   results: dict[str, dict] = {}
-  for name, load in _models(cfg, tok).items():
-    model = load()
-    fn = scorer(model)
-    scored = {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs)
+  per_example: dict[str, dict] = {}
+  val_nll: dict[str, float] = {}
+  for name, (load, model_fp) in _models(cfg, tok).items():
+    def compute(load=load):
+      model = load()
+      fn = scorer(model)
+      return {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs)
               for s, arrays in sets.items()}
-    results[name] = {s: metrics(scored[s], sets[s], nb) for s in sets}
-    log.info("evaluate %s: ID accuracy %.4f ECE %.4f", name,
-             results[name]["in_domain"]["accuracy"], results[name]["in_domain"]["ece"])
-    if name == "sft":  # the reviewer's baseline: SFT + post-hoc temperature scaling
-      val = score(fn, model, data.splits["validation"], cfg.evaluate.batch_size, bs)
-      fit = temperature.fit_nll_temperature_logits(
-          jnp.asarray(val["choice_logprobs"]), jnp.asarray(data.splits["validation"]["label"]))
-      t = float(fit.t)
-      results["sft+ts"] = {s: {**metrics(scored[s], sets[s], nb, t=t), "temperature": t}
-                           for s in sets}
-  ood = [s for s in sets if s != "in_domain"]
+    key = None if model_fp is None else f"{model_fp}/{data_key}"
+    scored = cached_scores(os.path.join(out, "scores"), name, key, compute)
+    val_nll[name] = metrics(events(scored["validation"], sets["validation"], scoring), nb)["nll"]
+    rows = {name: 1.0}
+    if name in cfg.evaluate.post_hoc:  # + post-hoc temperature scaling, fitted on validation
+      rows[f"{name}+ts"] = fit_post_hoc(scored["validation"], sets["validation"], scoring)
+    for row, t in rows.items():
+      results[row], per_example[row] = {}, {}
+      for s in sets:
+        if s == "validation":
+          continue
+        results[row][s], ev = both_scorings(scored[s], sets[s], scoring, nb, t)
+        if t != 1.0:
+          results[row][s]["temperature"] = t
+        per_example[row][s] = _compact(ev)
+      log.info("evaluate %s: ID accuracy %.4f ECE %.4f (%s scoring)", row,
+               results[row]["in_domain"]["accuracy"], results[row]["in_domain"]["ece"], scoring)
+  sft_runs = [r for r in val_nll if r == "sft" or r.startswith("sft@")]
+  if len(sft_runs) > 1:  # the SFT student whose epoch count validation NLL prefers
+    best = min(sft_runs, key=val_nll.get)
+    results["sft@val"] = {s: {**r, "chosen": best} for s, r in results[best].items()}
+    per_example["sft@val"] = per_example[best]
+    log.info("evaluate sft@val: %s (validation NLL %s)", best,
+             {r: round(val_nll[r], 4) for r in sft_runs})
+  ood = [s for s in sets if s.startswith("ood:")]
   md = table(results, "in_domain", ood)
   io_util.atomic_write_json(os.path.join(out, "results.json"),
                             {"results": results, "in_domain": cfg.data.task or cfg.data.source,
-                             "ood": ood})
+                             "ood": ood, "scoring": scoring})
+  io_util.atomic_write_json(os.path.join(out, "events.json"),
+                            {"scoring": scoring, "events": per_example})
   io_util.atomic_write_bytes(os.path.join(out, "results.md"), md.encode())
   panels = [dict(title=name, ece=r["in_domain"]["ece"], **r["in_domain"]["reliability"])
             for name, r in results.items()]
   plots.reliability_diagram(os.path.join(out, "reliability_in_domain.png"), panels)
+  print(f"scoring: {scoring}")
   print(md)
   print(f"results: {os.path.join(out, 'results.json')}; plots: {out}")
   return results

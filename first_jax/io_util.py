@@ -43,3 +43,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
+
+
+def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+  """np.savez of `arrays` to `path`, atomically."""
+  import numpy as np  # local: the rest of this module needs only the standard library
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)

@@ -223,11 +223,13 @@ def full_kd(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array,
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array, *,
-                  label_smoothing: float = 0.0,
+                  label_smoothing: float = 0.0, smoothing_ids_BxLxC: jax.Array | None = None,
                   vocab_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Token cross-entropy, optionally against (1 - eps) one-hot + eps / V (uniform smoothing).
+  """Token cross-entropy, optionally against (1 - eps) one-hot + eps * uniform (smoothing).
 
-  The smoothed term uses mean_v log p_v = mean_v logits_v - lse: no one-hot over V is built.
+  The uniform is over the vocabulary, or over `smoothing_ids_BxLxC` where given (e.g. the
+  answer letters of a multiple-choice question; ids < 0 are padding and left out).
+  The vocabulary term uses mean_v log p_v = mean_v logits_v - lse: no one-hot over V is built.
   Targets are clipped to [0, V): masked positions may hold any id (e.g. -100).
   """
   if not 0.0 <= label_smoothing < 1.0:
@@ -235,7 +237,14 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax
   lse_BxL = log_normalizer(logits_BxLxV, vocab_chunk)
   at_BxL = gather_logits(logits_BxLxV, jnp.asarray(targets_BxL, jnp.int32)[..., None])[..., 0]
   loss_BxL = lse_BxL - at_BxL
-  if label_smoothing > 0.0:
+  if label_smoothing > 0.0 and smoothing_ids_BxLxC is not None:
+    ids_BxLxC = jnp.asarray(smoothing_ids_BxLxC, jnp.int32)
+    valid_BxLxC = (ids_BxLxC >= 0).astype(lse_BxL.dtype)
+    at_BxLxC = gather_logits(logits_BxLxV, jnp.maximum(ids_BxLxC, 0))
+    mean_BxL = (jnp.sum(at_BxLxC * valid_BxLxC, axis=-1)
+                / jnp.maximum(jnp.sum(valid_BxLxC, axis=-1), 1.0))
+    loss_BxL = (1.0 - label_smoothing) * loss_BxL + label_smoothing * (lse_BxL - mean_BxL)
+  elif label_smoothing > 0.0:
     mean_BxL = jnp.mean(logits_BxLxV.astype(lse_BxL.dtype), axis=-1)
     loss_BxL = (1.0 - label_smoothing) * loss_BxL + label_smoothing * (lse_BxL - mean_BxL)
   return _masked_sums(loss_BxL, mask_BxL)

@@ -34,7 +34,8 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-  temperature: jax.Array  # teacher temperature in use (EMA of the in-step search when searching)
+  temperature: jax.Array  # teacher temperature in use (the in-step search's when searching)
+  events: Any = None  # online search: ring buffer of the latest teacher events (`event_buffer`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,16 @@ class LossSpec:
   """Static loss hyper-parameters (part of the compiled program)."""
   kind: str = "ce"  # ce | topk_kd | full_kd
   label_smoothing: float = 0.0
+  smooth_over: str = "vocab"  # vocab | choices (the answer letters of multiple choice)
   k: int = 5
   tail: str = "bucket"  # bucket | renormalize
   direction: str = "forward"  # forward | reverse | jsd
   temperature_mode: str | None = "prob_softmax"  # None: targets used as they are (plain KD)
-  search: bool = False  # online only: ECE search on this batch's token events, EMA over steps
-  ema: float = 0.9
+  search: bool = False  # online only: ECE search over a buffer of the latest teacher events
+  ema: float = 0.0  # smoothing of the searched temperature over steps (0: none)
+  search_events: int = 1024  # buffer size (events kept from the latest steps)
+  search_min_events: int = 256  # below this many events the start temperature is kept
+  search_choices: bool = False  # events scored over the choice tokens (evaluate.scoring=choices)
   num_bins: int = 10
   online: bool = False
   # MCQA with a response-only loss: every row's loss sits at its answer position, so the output
@@ -69,11 +74,22 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_d
   return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
 
 
+def event_buffer(size: int, k: int, num_choices: int = 0) -> dict[str, jax.Array]:
+  """An empty ring buffer of teacher events for the online search (weight 0 = empty slot)."""
+  buf = {"logprobs": jnp.zeros((size, k), jnp.float32), "ids": jnp.zeros((size, k), jnp.int32),
+         "tail": jnp.zeros((size,), jnp.float32), "target": jnp.zeros((size,), jnp.int32),
+         "weight": jnp.zeros((size,), jnp.float32), "next": jnp.zeros((), jnp.int32)}
+  if num_choices:
+    buf["choice_ids"] = jnp.full((size, num_choices), -1, jnp.int32)
+  return buf
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int,
-               initial_temperature: float = 1.0) -> TrainState:
+               initial_temperature: float = 1.0, events: Any = None) -> TrainState:
+  """`events`: an `event_buffer` when the temperature is searched in the step."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.key(seed)),
-                    temperature=jnp.asarray(initial_temperature, jnp.float32))
+                    temperature=jnp.asarray(initial_temperature, jnp.float32), events=events)
 
 
 def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int) -> dict[str, jax.Array]:
@@ -82,15 +98,37 @@ def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int) -> dict[str, jax.Array
   return {"teacher_logprobs": logprobs_BxLxK, "teacher_ids": ids_BxLxK, "teacher_tail": tail_BxL}
 
 
-def searched_temperature(targets: dict[str, jax.Array], batch: dict[str, jax.Array],
-                         spec: LossSpec) -> jax.Array:
-  """ECE-minimising temperature on this batch: teacher top-1 vs the actual next token."""
-  k = targets["teacher_ids"].shape[-1]
+def add_events(buf: dict[str, jax.Array], targets: dict[str, jax.Array],
+               batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The buffer with this batch's positions (weight = loss mask) over its oldest slots."""
+  k, size = targets["teacher_ids"].shape[-1], buf["weight"].shape[0]
+  new = {"logprobs": targets["teacher_logprobs"].reshape(-1, k).astype(jnp.float32),
+         "ids": targets["teacher_ids"].reshape(-1, k).astype(jnp.int32),
+         "tail": targets["teacher_tail"].reshape(-1).astype(jnp.float32),
+         "target": batch["targets"].reshape(-1).astype(jnp.int32),
+         "weight": batch["loss_mask"].reshape(-1).astype(jnp.float32)}
+  if "choice_ids" in buf:  # the question's choices at each of its positions
+    c_BxC = batch["choice_ids"]
+    per_row = new["weight"].shape[0] // c_BxC.shape[0]
+    new["choice_ids"] = jnp.repeat(c_BxC, per_row, axis=0).astype(jnp.int32)
+  n = new["weight"].shape[0]
+  if n > size:  # more positions than slots: the latest `size` of them
+    new = {key: v[n - size:] for key, v in new.items()}
+    n = size
+  idx = (buf["next"] + jnp.arange(n)) % size
+  out = {key: buf[key].at[idx].set(v) for key, v in new.items()}
+  out["next"] = (buf["next"] + n) % size
+  return out
+
+
+def searched_temperature(buf: dict[str, jax.Array], spec: LossSpec) -> jax.Array:
+  """ECE-minimising temperature over the buffered events: the teacher's top-1 (or its most
+  likely choice) against the actual next token."""
   result = temperature.search(
-      targets["teacher_logprobs"].reshape(-1, k), targets["teacher_ids"].reshape(-1, k),
-      batch["targets"].reshape(-1), mode=spec.temperature_mode, num_bins=spec.num_bins,
-      weights_N=batch["loss_mask"].reshape(-1).astype(jnp.float32),
-      tail_logmass_N=targets["teacher_tail"].reshape(-1) if spec.tail == "bucket" else None)
+      buf["logprobs"], buf["ids"], buf["target"], mode=spec.temperature_mode,
+      num_bins=spec.num_bins, weights_N=buf["weight"],
+      tail_logmass_N=buf["tail"] if spec.tail == "bucket" else None,
+      choice_ids_NxC=buf.get("choice_ids"))
   return result.best_t
 
 
@@ -141,10 +179,15 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
   if spec.answer_only:
     batch = at_answer(batch)
   mask_BxL = batch["loss_mask"].astype(jnp.float32)
-  t = state.temperature
+  t, events = state.temperature, state.events
   if spec.kind == "ce":
+    smooth_ids = None
+    if spec.smooth_over == "choices":  # the question's letters at every (scored) position
+      c_BxC = batch["choice_ids"]
+      smooth_ids = jnp.broadcast_to(c_BxC[:, None, :], mask_BxL.shape + c_BxC.shape[-1:])
     loss_sum, count = losses.cross_entropy(logits_BxLxV, batch["targets"], mask_BxL,
-                                           label_smoothing=spec.label_smoothing)
+                                           label_smoothing=spec.label_smoothing,
+                                           smoothing_ids_BxLxC=smooth_ids)
   else:
     teacher_logits = None
     if spec.online:
@@ -156,12 +199,14 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
     else:
       targets = teacher_topk(teacher_logits, spec.k) if spec.online else batch
       if spec.search:
-        best_t = searched_temperature(targets, batch, spec)
-        t = jnp.where(state.step == 0, best_t, spec.ema * t + (1.0 - spec.ema) * best_t)
+        events = add_events(events, jax.lax.stop_gradient(targets), batch)
+        best_t = searched_temperature(events, spec)
+        enough = jnp.sum(events["weight"] > 0) >= spec.search_min_events
+        t = jnp.where(enough, spec.ema * t + (1.0 - spec.ema) * best_t, t)
       loss_sum, count = kd_loss_parts(logits_BxLxV, targets, mask_BxL, t, spec)
   loss = loss_sum / jnp.maximum(count, 1.0)
   metrics = {"loss": (loss_sum, count), "temperature": (t, jnp.ones(()))}
-  return loss, (metrics, t)
+  return loss, (metrics, (t, events))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
@@ -169,7 +214,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
   """One optimizer update of the student; the teacher (if any) only runs forward."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (metrics, t)), grads = grad_fn(state.params, state, batch, teacher_params,
+  (_, (metrics, (t, events))), grads = grad_fn(state.params, state, batch, teacher_params,
                                      student_apply=student_apply, teacher_apply=teacher_apply,
                                      spec=spec)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,25 +222,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones(()))
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                            temperature=t.astype(jnp.float32))
+                            temperature=t.astype(jnp.float32), events=events)
   return new_state, metrics
-
-
-def answer_scores(params: Any, batch: dict[str, jax.Array], *,
-                  apply: Apply) -> dict[str, jax.Array]:
-  """Log-probabilities at each example's answer position, the output head run there only.
-
-  Returns top1_id_B, top1_logprob_B (over the full vocabulary) and choice_logprobs_BxC (full-
-  vocabulary log-probs of the choice letters; -inf where the choice id is padding -1).
-  """
-  spec = LossSpec(answer_only=True)
-  logits_BxV = student_logits(params, batch, apply, spec)[:, 0].astype(jnp.float32)
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-  choice_ids_BxC = batch["choice_ids"]
-  choice_BxC = jnp.take_along_axis(logprobs_BxV, jnp.maximum(choice_ids_BxC, 0), axis=-1)
-  choice_BxC = jnp.where(choice_ids_BxC >= 0, choice_BxC, -jnp.inf)
-  return {"top1_id": jnp.argmax(logprobs_BxV, axis=-1).astype(jnp.int32),
-          "top1_logprob": jnp.max(logprobs_BxV, axis=-1), "choice_logprobs": choice_BxC}
 
 
 def teacher_topk_step(params: Any, batch: dict[str, jax.Array], *, apply: Apply, k: int,

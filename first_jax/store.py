@@ -257,6 +257,11 @@ def _check_same(store_dir: str, old: dict, new: dict) -> None:
                       f"{_short(new[f])}); use a new store dir or delete it")
 
 
+def search_key(mode: str, tail: str) -> str:
+  """Key of one temperature search in the manifest's calibration block ("log_space-bucket")."""
+  return f"{mode}-{tail}"
+
+
 def update_manifest(store_dir: str | os.PathLike, **fields: Any) -> dict:
   """Sets top-level manifest fields (e.g. calibration={...}), keeping the rest; atomic."""
   path = os.path.join(store_dir, MANIFEST)

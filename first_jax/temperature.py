@@ -52,12 +52,16 @@ def split_tail(logprobs_xKp1: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def default_grid(mode: str) -> np.ndarray:
-  """Coarse grid: the paper's (0, 1] step 0.1 widened both ways / log-spaced 0.05..20."""
+  """Coarse grid: the paper's (0, 1] step 0.1 widened both ways / log-spaced 0.05..20 plus 1.
+
+  log_space holds t = 1 exactly (the identity: the teacher as it is); in prob_softmax no
+  temperature is the identity (see `rescale`), so the raw teacher is scored separately.
+  """
   _check_mode(mode)
   if mode == "prob_softmax":
     return np.concatenate([[0.01, 0.02, 0.03, 0.05, 0.07], np.linspace(0.1, 1.0, 10),
                            [1.25, 1.5, 2.0, 3.0]]).astype(np.float32)
-  return np.geomspace(0.05, 20.0, 28).astype(np.float32)
+  return np.union1d(np.geomspace(0.05, 20.0, 28), [1.0]).astype(np.float32)  # t = 1: identity
 
 
 class SearchResult(NamedTuple):
@@ -70,17 +74,63 @@ class SearchResult(NamedTuple):
   brier_T: jax.Array  # Brier score of the same event
 
 
-def _top1_logs(logprobs_NxK, tail_N, t, mode):
-  """log(conf) and log(1 - conf) of the re-scaled top-1 bin."""
+def choice_logprobs(logprobs_NxK: jax.Array, ids_NxK: jax.Array,
+                    choice_ids_NxC: jax.Array) -> jax.Array:
+  """Top-k log-probs read at the choice tokens and renormalised over the choices.
+
+  This is how a multiple-choice answer is scored (`evaluate.scoring=choices`): the softmax over
+  the answer letters. A choice outside the top-k gets log-prob TAIL_FLOOR before the
+  renormalisation (about 0); padding choices (id -1) get -inf.
+  """
+  match_NxCxK = choice_ids_NxC[:, :, None] == ids_NxK[:, None, :]
+  lp_NxCxK = jnp.where(match_NxCxK, logprobs_NxK[:, None, :], -jnp.inf)
+  lp_NxC = jnp.maximum(jax.nn.logsumexp(lp_NxCxK, axis=-1), TAIL_FLOOR)
+  lp_NxC = jnp.where(choice_ids_NxC >= 0, lp_NxC, -jnp.inf)
+  return jax.nn.log_softmax(lp_NxC, axis=-1)
+
+
+def event_correct(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array,
+                  choice_ids_NxC: jax.Array | None = None) -> jax.Array:
+  """1.0 where the predicted token is the target: the top-1 id, or the most likely choice.
+
+  Both re-scalings keep the order of the entries, so the prediction does not depend on t.
+  """
+  if choice_ids_NxC is None:
+    pred_N = ids_NxK[:, 0]
+  else:
+    lp_NxC = choice_logprobs(jnp.asarray(logprobs_NxK, jnp.float32), ids_NxK, choice_ids_NxC)
+    pred_N = jnp.take_along_axis(choice_ids_NxC, jnp.argmax(lp_NxC, -1)[:, None], -1)[:, 0]
+  return (pred_N == targets_N).astype(jnp.float32)
+
+
+def _top1_logs(logprobs_NxK, tail_N, t, mode, ids_NxK=None, choice_ids_NxC=None):
+  """log(conf) and log(1 - conf) of the re-scaled top-1 bin (or of the most likely choice)."""
   r_NxK = rescale(logprobs_NxK, t, mode, tail_N)
+  if choice_ids_NxC is not None:
+    k = ids_NxK.shape[-1]
+    lp_NxC = choice_logprobs(r_NxK[:, :k], ids_NxK, choice_ids_NxC)
+    best_N = jnp.argmax(lp_NxC, axis=-1)
+    others_NxC = jnp.where(jnp.arange(lp_NxC.shape[-1]) == best_N[:, None], -jnp.inf, lp_NxC)
+    log_rest_N = jnp.maximum(jax.nn.logsumexp(others_NxC, axis=-1), TAIL_FLOOR)
+    return jnp.max(lp_NxC, axis=-1), log_rest_N
   if r_NxK.shape[-1] == 1:  # k = 1 and no tail: conf is 1
     return r_NxK[:, 0], jnp.full(r_NxK.shape[:1], TAIL_FLOOR)
   # 1 - conf as the mass of the other bins: exact where 1 - exp(log conf) rounds to 0.
   return r_NxK[:, 0], jnp.maximum(jax.nn.logsumexp(r_NxK[:, 1:], axis=-1), TAIL_FLOOR)
 
 
-def _top1_metrics(logprobs_NxK, tail_N, correct_N, weights_N, t, mode, num_bins, binning):
-  log_conf_N, log_rest_N = _top1_logs(logprobs_NxK, tail_N, t, mode)
+def event_confidence(logprobs_NxK: jax.Array, ids_NxK: jax.Array, t: jax.Array | float,
+                     mode: str, tail_logmass_N: jax.Array | None = None,
+                     choice_ids_NxC: jax.Array | None = None) -> jax.Array:
+  """Confidence of each event at temperature t: re-scaled top-1 (or most likely choice)."""
+  _check_mode(mode)
+  lp_NxK = jnp.asarray(logprobs_NxK, jnp.float32)
+  return jnp.exp(_top1_logs(lp_NxK, tail_logmass_N, t, mode, ids_NxK, choice_ids_NxC)[0])
+
+
+def _top1_metrics(logprobs_NxK, tail_N, correct_N, weights_N, t, mode, num_bins, binning,
+                  ids_NxK=None, choice_ids_NxC=None):
+  log_conf_N, log_rest_N = _top1_logs(logprobs_NxK, tail_N, t, mode, ids_NxK, choice_ids_NxC)
   conf_N = jnp.exp(log_conf_N)
   return (calibration.ece(conf_N, correct_N, num_bins, binning, weights_N),
           calibration.binary_nll(log_conf_N, log_rest_N, correct_N, weights_N),
@@ -95,11 +145,15 @@ def _scan(fn: Callable, grid_T: jax.Array):
 def search(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *, mode: str,
            num_bins: int = 10, binning: str = "equal_width", grid=None, refine: bool = True,
            refine_points: int = 11, weights_N: jax.Array | None = None,
-           tail_logmass_N: jax.Array | None = None) -> SearchResult:
-  """Trustworthy maximisation: the temperature minimising the teacher's top-1 ECE.
+           tail_logmass_N: jax.Array | None = None,
+           choice_ids_NxC: jax.Array | None = None) -> SearchResult:
+  """Trustworthy maximisation: the temperature minimising the teacher's ECE.
 
-  Confidence = re-scaled probability of ids[:, 0] (the order is kept by both modes);
-  correct = ids[:, 0] == targets. The ECE (and binary NLL / Brier) of every grid temperature is
+  Events are scored the way the evaluation scores a model. Without `choice_ids_NxC`:
+  confidence = re-scaled probability of ids[:, 0] (the order is kept by both modes), correct =
+  ids[:, 0] == targets (full-vocabulary top-1). With it: the re-scaled top-k read at the choice
+  tokens and renormalised over them (`choice_logprobs`); confidence = the most likely choice's
+  probability, correct = its token is the target. The ECE (and binary NLL / Brier) of every grid temperature is
   computed in one `lax.scan`; with `refine`, a second scan covers [grid[i-1], grid[i+1]] around
   the best index i with `refine_points` points (11: step = spacing / 5, the paper's 0.02 around a
   0.1 grid; at the ends the bracket is [grid[0] / 2, ...] or [..., 2 grid[-1] - grid[-2]]).
@@ -123,10 +177,10 @@ def search(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *,
     g = np.asarray(grid, np.float64)
     if np.any(g <= 0) or np.any(np.diff(g) <= 0):
       raise UserError("temperature.grid: expected strictly ascending positive temperatures")
-  correct_N = (ids_NxK[:, 0] == targets_N).astype(jnp.float32)
+  correct_N = event_correct(logprobs_NxK, ids_NxK, targets_N, choice_ids_NxC)
   lp_NxK = jnp.asarray(logprobs_NxK, jnp.float32)
   fn = lambda t: _top1_metrics(lp_NxK, tail_logmass_N, correct_N, weights_N, t, mode, num_bins,
-                               binning)
+                               binning, ids_NxK, choice_ids_NxC)
   ece_T, nll_T, brier_T = _scan(fn, grid_T)
   temps_T = grid_T
   if refine:
@@ -181,15 +235,17 @@ def _minimize_log_t(obj: Callable, t_min: float, t_max: float, grid_points: int,
 
 def fit_nll_temperature(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *,
                         mode: str, weights_N: jax.Array | None = None,
-                        tail_logmass_N: jax.Array | None = None, t_min: float = 0.01,
+                        tail_logmass_N: jax.Array | None = None,
+                        choice_ids_NxC: jax.Array | None = None, t_min: float = 0.01,
                         t_max: float = 100.0, grid_points: int = 49, iters: int = 40) -> Fit:
-  """Temperature minimising the top-1 binary NLL (the `nll_T` of `search`), for comparison."""
+  """Temperature minimising the binary NLL of the events of `search` (same scoring)."""
   _check_mode(mode)
-  correct_N = (ids_NxK[:, 0] == targets_N).astype(jnp.float32)
+  correct_N = event_correct(logprobs_NxK, ids_NxK, targets_N, choice_ids_NxC)
   lp_NxK = jnp.asarray(logprobs_NxK, jnp.float32)
 
   def obj(t):
-    log_conf_N, log_rest_N = _top1_logs(lp_NxK, tail_logmass_N, t, mode)
+    log_conf_N, log_rest_N = _top1_logs(lp_NxK, tail_logmass_N, t, mode, ids_NxK,
+                                        choice_ids_NxC)
     return calibration.binary_nll(log_conf_N, log_rest_N, correct_N, weights_N)
 
   return _minimize_log_t(obj, t_min, t_max, grid_points, iters)

@@ -1,12 +1,15 @@
 """Stage 3: train the student variants listed in `config.students`, all through one trainer.
 
   sft        cross-entropy on the answers (the fine-tuned student baseline)
-  sft_ls     cross-entropy with label smoothing `distill.label_smoothing`
+  sft_ls     cross-entropy with label smoothing `distill.label_smoothing` over the vocabulary;
+             `sft_ls-choices` smooths over the answer letters (where the evaluation looks)
   kd         top-k KD on the teacher's raw top-k (no temperature): plain distillation
   first      FIRST: top-k KD on the teacher's top-k re-scaled by the calibrated temperature
   full_kd    full-vocabulary KD from the teacher running inside the step (reference)
 `kd` and `first` take optional suffixes overriding the scaling mode and tail handling, e.g.
-`first-log_space`, `first-renormalize`, `kd-renormalize`. With `distill.mode = online` the
+`first-log_space`, `first-renormalize`, `kd-renormalize`. Any variant takes `@E` for E epochs
+instead of `distill.epochs` (e.g. `sft@1`: the evaluation picks the SFT epoch count on
+validation among `sft@E` and `sft`). With `distill.mode = online` the
 teacher runs inside the jitted step (forward under stop_gradient, top-k, optional in-step ECE
 temperature search, rescale and KL in one XLA program) instead of reading the store.
 """
@@ -16,6 +19,7 @@ import dataclasses
 import logging
 import os
 
+import ml_collections
 import numpy as np
 
 from first_jax import cli, finetune, sharding, step, store, trainer, workspace
@@ -31,12 +35,23 @@ class Variant:
   name: str
   spec: step.LossSpec
   needs_teacher: bool  # reads the store (offline) or runs the teacher (online)
+  epochs: int | None = None  # `name@E`: trained E epochs instead of distill.epochs
 
 
 def parse_variant(name: str, cfg) -> Variant:
   """A student variant name -> its loss (see the module docstring)."""
+  name_only, at, epochs = name.partition("@")
+  if at:
+    if not epochs.isdigit() or int(epochs) < 1:
+      raise UserError(f"config.students: {name!r}: expected name@E with E epochs >= 1")
+    return dataclasses.replace(parse_variant(name_only, cfg), name=name, epochs=int(epochs))
   base, *mods = name.split("-")
   d = cfg.distill
+  answer_only = cfg.data.loss_on == "response"
+  if base == "sft_ls" and mods in ([], ["choices"]):
+    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
+                                       smooth_over="choices" if mods else "vocab",
+                                       answer_only=answer_only), False)
   mode, tail = d.temperature_mode, d.tail
   for m in mods:
     if m in _MODES:
@@ -47,14 +62,10 @@ def parse_variant(name: str, cfg) -> Variant:
       raise UserError(f"config.students: unknown modifier {m!r} in {name!r} "
                       f"(expected one of {_MODES + _TAILS})")
   online = d.mode == "online"
-  answer_only = cfg.data.loss_on == "response"
   kd = dict(kind="topk_kd", k=cfg.extract.k, tail=tail, direction=d.direction, online=online,
             num_bins=cfg.calibrate.num_bins, answer_only=answer_only)
   if base == "sft" and not mods:
     return Variant(name, step.LossSpec(kind="ce", answer_only=answer_only), False)
-  if base == "sft_ls" and not mods:
-    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
-                                       answer_only=answer_only), False)
   if base == "kd":
     return Variant(name, step.LossSpec(temperature_mode=None, **kd), True)
   if base == "first":
@@ -62,21 +73,24 @@ def parse_variant(name: str, cfg) -> Variant:
     if search and not online:
       raise UserError("config.distill.temperature: 'search' runs inside the online step; set "
                       "distill.mode=online or use 'calibrated' / a number")
-    return Variant(name, step.LossSpec(temperature_mode=mode, search=search,
-                                       ema=d.temperature_ema, **kd), True)
+    return Variant(name, step.LossSpec(
+        temperature_mode=mode, search=search, ema=d.temperature_ema,
+        search_events=d.search_events, search_min_events=d.search_min_events,
+        search_choices=cfg.evaluate.scoring == "choices" and answer_only, **kd), True)
   if base == "full_kd" and not mods:
     return Variant(name, step.LossSpec(kind="full_kd", online=True, answer_only=answer_only),
                    True)
   raise UserError(f"config.students: unknown student variant {name!r} "
-                  f"(expected sft, sft_ls, kd[-mods], first[-mods], full_kd)")
+                  f"(expected sft, sft_ls[-choices], kd[-mods], first[-mods], full_kd)")
 
 
 def teacher_temperature(cfg, spec: step.LossSpec) -> float:
-  """The fixed temperature of a FIRST run (calibrated, or a number from the config)."""
-  if spec.kind != "topk_kd" or spec.temperature_mode is None or spec.search:
+  """The temperature of a FIRST run: calibrated, or a number from the config; with the online
+  search, its start value (the offline calibration's where one exists, else 1)."""
+  if spec.kind != "topk_kd" or spec.temperature_mode is None:
     return 1.0
   t = cfg.distill.temperature
-  if t != "calibrated":
+  if t not in ("calibrated", "search"):
     try:
       return float(t)
     except ValueError:
@@ -86,10 +100,17 @@ def teacher_temperature(cfg, spec: step.LossSpec) -> float:
   calib = None
   if os.path.exists(os.path.join(path, store.MANIFEST)):
     calib = store.StoreReader(path, verify=False).calibration
+  key = store.search_key(spec.temperature_mode, spec.tail)  # this variant's own search
+  if spec.search:
+    return float(calib["searches"][key]["best_t"]) if calib and key in calib.get(
+        "searches", {}) else 1.0
   if not calib:
-    raise UserError(f"{workspace.folder(cfg, 'store')}: no calibration in the store manifest "
-                    f"(run first_jax.calibrate first)")
-  return float(calib["curves"][spec.temperature_mode]["best_t"])
+    raise UserError(f"{path}: no calibration in the store manifest (run first_jax.calibrate "
+                    f"first)")
+  if key not in calib.get("searches", {}):
+    raise UserError(f"{path}: the calibration has no search for {key} (re-run "
+                    f"first_jax.calibrate)")
+  return float(calib["searches"][key]["best_t"])
 
 
 def store_targets(reader: store.StoreReader):
@@ -104,11 +125,17 @@ def store_targets(reader: store.StoreReader):
   return add
 
 
+def student_seed(cfg) -> int:
+  """The students' seed: `distill.seed`, or the run's seed when it is -1."""
+  return cfg.distill.seed if cfg.distill.seed >= 0 else cfg.seed
+
+
 def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
   """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
   teacher = finetune.stage_fingerprint(cfg) if variant.needs_teacher else None
   return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.student, cfg.distill,
-                               cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t)
+                               cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t,
+                               *([variant.epochs] if variant.epochs else []))
 
 
 def is_done(cfg, variant: Variant) -> bool:
@@ -128,16 +155,19 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
     reader = store.StoreReader(workspace.folder(cfg, "store"))
   mesh = workspace.mesh(cfg)
+  optim = cfg.distill
+  if variant.epochs:  # the same optimiser and schedule shape over fewer (or more) epochs
+    optim = ml_collections.ConfigDict({**cfg.distill.to_dict(), "epochs": variant.epochs})
   teacher = None
   if spec.online:
     teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   log.info("train %s: %s, teacher temperature %s", variant.name, spec,
-           "searched in-step" if spec.search else f"{t:.4g}")
+           f"searched in-step from {t:.4g}" if spec.search else f"{t:.4g}")
   student = workspace.init_model(cfg, "student", tok)
   workspace.start_run(out, fp)
   params = trainer.train_model(
       name=f"train/{variant.name}", folder=out, module=student.module, params=student.params,
-      arrays=data.splits["train"], spec=spec, optim=cfg.distill, seed=cfg.seed, mesh=mesh,
+      arrays=data.splits["train"], spec=spec, optim=optim, seed=student_seed(cfg), mesh=mesh,
       batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
       every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
       log_every=cfg.log_every_steps,

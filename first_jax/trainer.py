@@ -138,16 +138,23 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
                 add_targets: Callable[[dict], dict] | None = None,
                 initial_temperature: float = 1.0) -> Any:
   """Builds optimizer, state and the jitted step for one run, then `fit`s it. Returns params."""
+  buckets = tuple(optim.get("length_buckets", ()))
   batches = data_lib.BatchIterator(arrays, optim.batch_size, seed=seed, shuffle=True,
-                                   drop_remainder=True)
+                                   drop_remainder=True, length_buckets=buckets)
   steps_per_epoch = len(arrays["input_ids"]) // optim.batch_size
   total = max(1, steps_per_epoch * optim.epochs)
   tx = step_lib.make_optimizer(lr=optim.lr, total_steps=total, warmup_ratio=optim.warmup_ratio,
                                weight_decay=optim.weight_decay, clip_norm=optim.clip_norm,
                                b1=optim.b1, b2=optim.b2, eps=optim.eps,
                                grad_accum=optim.grad_accum)
+  events = None
+  if spec.search:  # the online search's buffer of teacher events
+    events = step_lib.event_buffer(
+        spec.search_events, spec.k,
+        arrays["choice_ids"].shape[1] if spec.search_choices else 0)
   state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
-                                    initial_temperature=initial_temperature))(params)
+                                    initial_temperature=initial_temperature))(params,
+                                                                              events=events)
   apply = model_apply(module)
   teacher_apply = model_apply(teacher_module) if teacher_module is not None else None
   step_fn = jax.jit(functools.partial(step_lib.train_step, student_apply=apply,
@@ -157,6 +164,7 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
   def put_batch(batch: dict) -> dict:
     if add_targets is not None:
       batch = add_targets(batch)
+    batch = data_lib.trim_batch(batch, buckets)  # one compiled step per bucket length
     return jax.device_put({k: v for k, v in batch.items() if k != "example_id"}, batch_sharding)
 
   state = fit(name=name, folder=folder, state=state, step_fn=step_fn, batches=batches,

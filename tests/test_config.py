@@ -47,6 +47,12 @@ def test_variant_argument():
     (["--config.tokenizer=/no/such/tokenizer"], "config.tokenizer: expected an existing"),
     (["--config.teacher.init=pretrained", "--config.teacher.path=/no/such.gguf"],
      "config.teacher.path: expected an existing"),
+    (["--config.evaluate.scoring=letters"], "config.evaluate.scoring: expected choices or vocab"),
+    (["--config.distill.search_min_events=5000"], "config.distill.search_min_events"),
+    (["--config.distill.search_events=0"], "config.distill.search_events: expected an integer"),
+    (["--config.distill.temperature_ema=1.5"], "config.distill.temperature_ema"),
+    (["--config.distill.length_buckets=(16, 4096)"], "config.distill.length_buckets"),
+    (["--config.distill.seed=-2"], "config.distill.seed"),
 ])
 def test_bad_values_name_the_key(args, needle):
   with pytest.raises(UserError, match=None) as e:
@@ -97,3 +103,22 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   assert finetune.stage_fingerprint(demo) != finetune.stage_fingerprint(full)  # OOD sizes differ
   for cfg in (demo, full, long):
     train.run_checks(cfg)  # every student name parses
+
+
+def test_trust_config_shares_one_teacher_across_student_seeds():
+  from first_jax import finetune, train
+  path = os.path.join(ROOT, "configs", "trust.py")
+  a = config_lib.load(["--config", path + ":seed=0"])
+  b = config_lib.load(["--config", path + ":seed=2"])
+  assert (a.seed, b.seed, a.distill.seed, b.distill.seed) == (0, 0, 0, 2)
+  assert a.workdir != b.workdir
+  # run_trust.sh links seed 0's teacher and store in: the same fingerprint, or it would retrain
+  assert finetune.stage_fingerprint(a) == finetune.stage_fingerprint(b)
+  va, vb = (train.parse_variant("first", c) for c in (a, b))
+  assert train.variant_fingerprint(a, va, 1.5) != train.variant_fingerprint(b, vb, 1.5)
+  assert train.student_seed(a) == 0 and train.student_seed(b) == 2
+  assert a.calibrate.require_premise and a.evaluate.scoring == "choices"
+  n = a.data.num_examples
+  assert n * a.data.test >= 2000 and n * a.data.validation >= 1000
+  assert a.data.num_ood_examples >= 500 and len(a.data.ood_tasks) >= 1
+  train.run_checks(a)

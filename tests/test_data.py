@@ -300,3 +300,43 @@ def test_host_slice():
   assert parts[2]["x"].shape == (2, 3)
   with pytest.raises(UserError):
     data.host_slice(batch, 0, 3)
+
+
+def _padded(rng, n, length=40):
+  lengths = rng.integers(3, length + 1, size=n)
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  ids = np.where(mask > 0, rng.integers(1, 100, size=(n, length)), 0).astype(np.int32)
+  return {"input_ids": ids, "attention_mask": mask, "example_id": np.arange(n),
+          "teacher_logprobs": rng.normal(size=(n, length, 5)).astype(np.float32),
+          "label": rng.integers(0, 4, size=n)}, lengths
+
+
+def test_length_buckets_group_rows_cut_padding_and_resume():
+  rng = np.random.default_rng(21)
+  arrays, lengths = _padded(rng, 103)
+  buckets = (16, 24, 40)
+  it = data.BatchIterator(arrays, 8, seed=5, length_buckets=buckets)
+  epoch = [next(it) for _ in range(it.batches_per_epoch)]
+  assert len(epoch) == 103 // 8
+  seen = np.concatenate([b["example_id"] for b in epoch])
+  assert len(set(seen.tolist())) == len(seen) == 96  # each row at most once, 7 left out
+  cut = [data.trim_batch(b, buckets) for b in epoch]
+  widths = [c["input_ids"].shape[1] for c in cut]
+  assert set(widths) <= set(buckets) and min(widths) < 40  # some batches are cut
+  for b, c in zip(epoch, cut):
+    w = c["input_ids"].shape[1]
+    assert lengths[b["example_id"]].max() <= w  # nothing real is cut
+    np.testing.assert_array_equal(b["input_ids"][:, w:], 0)
+    np.testing.assert_array_equal(c["teacher_logprobs"], b["teacher_logprobs"][:, :w])
+    np.testing.assert_array_equal(c["label"], b["label"])  # per-row entries untouched
+  plain = data.BatchIterator(arrays, 8, seed=5)  # random batches: each holds a long row
+  plain_widths = [data.trim_batch(next(plain), buckets)["input_ids"].shape[1]
+                  for _ in range(plain.batches_per_epoch)]
+  assert np.mean(widths) < np.mean(plain_widths)
+  other_epoch = [next(it)["example_id"] for _ in range(3)]
+  assert not np.array_equal(other_epoch[0], epoch[0]["example_id"])
+  resumed = data.BatchIterator(arrays, 8, seed=5, length_buckets=buckets)
+  resumed.restore({"epoch": 1, "index": 0})
+  for want in other_epoch:
+    np.testing.assert_array_equal(next(resumed)["example_id"], want)
+  assert data.trim_batch(epoch[0], ())["input_ids"].shape[1] == 40

@@ -164,6 +164,32 @@ def test_full_kd_and_cross_entropy_match_numpy(dtype):
     assert float(got[1]) == want[1]
 
 
+def test_cross_entropy_smoothed_over_choice_ids_matches_numpy():
+  """Label smoothing whose uniform is over the given ids (the answer letters), -1 = padding."""
+  rng = np.random.default_rng(14)
+  s_in = jnp.asarray(rng.normal(size=(4, 3, 50)) * 2, jnp.float32)
+  s = np.asarray(s_in, np.float64)
+  mask = (rng.uniform(size=(4, 3)) > 0.3).astype(np.float32)
+  y = rng.integers(0, 50, size=(4, 3))
+  ids = np.stack([rng.permutation(50)[:4] for _ in range(12)]).reshape(4, 3, 4).astype(np.int32)
+  ids[0, :, 3] = -1
+  eps = 0.2
+  got = jax.jit(functools.partial(losses.cross_entropy, label_smoothing=eps))(
+      s_in, y, mask, smoothing_ids_BxLxC=ids)
+  lp = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True)) - s.max(
+      -1, keepdims=True)
+  want = 0.0
+  for b in range(4):
+    for t in range(3):
+      valid = ids[b, t][ids[b, t] >= 0]
+      nll = -lp[b, t, y[b, t]]
+      smooth = -lp[b, t, valid].mean()
+      want += mask[b, t] * ((1 - eps) * nll + eps * smooth)
+  np.testing.assert_allclose(float(got[0]), want, rtol=1e-5)
+  vocab = losses.cross_entropy(s_in, y, mask, label_smoothing=eps)[0]
+  assert abs(float(vocab) - want) > 1e-3  # a different target than the vocabulary-wide one
+
+
 def test_gradients_match_finite_differences_float64():
   """Directional derivatives along a random direction: reverse-mode vs central differences."""
   rng = np.random.default_rng(5)

@@ -26,9 +26,14 @@ def test_store_manifest_has_k5_and_the_calibrated_temperature(workdir):
     manifest = json.load(f)
   assert manifest["k"] == 5
   calib = manifest["calibration"]
-  assert calib["temperature"] == calib["curves"][calib["mode"]]["best_t"] > 0
-  curve = calib["curves"]["prob_softmax"]
-  assert min(curve["ece"]) == pytest.approx(curve["best_ece"])
+  assert calib["temperature"] == calib["searches"][f"{calib['mode']}-bucket"]["best_t"] > 0
+  assert set(calib["searches"]) == {f"{m}-{t}" for m in ("prob_softmax", "log_space")
+                                    for t in ("bucket", "renormalize")}
+  for curve in calib["searches"].values():
+    assert min(curve["ece"]) == pytest.approx(curve["best_ece"])
+  identity = calib["searches"]["log_space-bucket"]["ece_at_identity"]
+  assert identity == pytest.approx(calib["premise"]["teacher_val_ece"], abs=1e-5)
+  assert calib["scoring"] == "choices" and isinstance(calib["premise"]["holds"], bool)
   assert os.path.exists(os.path.join(workdir, "store", "calibration_prob_softmax.png"))
   reader = store.StoreReader(os.path.join(workdir, "store"))
   assert reader.num_examples > 0
@@ -154,3 +159,90 @@ def test_evaluate_extra_models_by_path(workdir, tmp_path):
   assert results["export"]["in_domain"]["accuracy"] == pytest.approx(
       json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]["kd"]
       ["in_domain"]["accuracy"])
+
+
+def test_results_carry_both_scorings_events_and_post_hoc_rows(workdir):
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    res = json.load(f)
+  assert res["scoring"] == "choices"
+  results = res["results"]
+  for name in ("sft+ts", "first+ts"):  # evaluate.post_hoc defaults to (sft, first)
+    assert results[name]["in_domain"]["temperature"] > 0
+    assert results[name]["in_domain"]["accuracy"] == results[name[:-3]]["in_domain"]["accuracy"]
+  with open(os.path.join(workdir, "eval", "events.json")) as f:
+    ev = json.load(f)["events"]
+  for name, sets in results.items():
+    for s, r in sets.items():
+      assert r["scoring"] == "choices" and 0 <= r["vocab"]["accuracy"] <= 1
+      conf, correct = np.asarray(ev[name][s]["confidence"]), np.asarray(ev[name][s]["correct"])
+      assert len(conf) == r["n"]
+      assert correct.mean() == pytest.approx(r["accuracy"])
+      assert conf.mean() == pytest.approx(r["confidence"], abs=1e-5)
+
+
+def test_each_first_variant_trains_with_the_search_for_its_own_mode_and_tail(workdir):
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  searches = store.StoreReader(os.path.join(workdir, "store"), verify=False).calibration[
+      "searches"]
+  for name, key in (("first", "prob_softmax-bucket"), ("first-renormalize",
+                                                       "prob_softmax-renormalize"),
+                    ("first-log_space-renormalize", "log_space-renormalize")):
+    t = train.teacher_temperature(cfg, train.parse_variant(name, cfg).spec)
+    assert t == searches[key]["best_t"], name
+  assert train.teacher_temperature(cfg, train.parse_variant("kd", cfg).spec) == 1.0
+  spec = train.parse_variant("sft_ls-choices", cfg).spec
+  assert spec.smooth_over == "choices" and spec.label_smoothing > 0
+
+
+def test_evaluate_rerun_scores_from_the_cache(workdir, tmp_path, caplog):
+  from first_jax import evaluate
+  import shutil
+  wd = str(tmp_path / "ev")
+  shutil.copytree(workdir, wd)
+  caplog.set_level("INFO")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
+  again = evaluate.run(cfg)
+  assert sum("scores cached" in r.message for r in caplog.records) == 2 + len(cfg.students)
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    first = json.load(f)["results"]
+  assert again["first"]["in_domain"]["ece"] == first["first"]["in_domain"]["ece"]
+
+
+def test_premise_is_recorded_and_can_be_required(workdir, tmp_path, capsys):
+  import shutil
+  wd = str(tmp_path / "pr")
+  shutil.copytree(workdir, wd)
+  premise = store.StoreReader(os.path.join(wd, "store"), verify=False).calibration["premise"]
+  holds = (premise["teacher_val_confidence"] > premise["teacher_val_accuracy"]
+           and premise["t_log_space"] > 1)
+  assert premise["holds"] == holds
+  from first_jax import calibrate
+  rc = cli.stage_main(calibrate.run, ["--config", SMOKE, f"--config.workdir={wd}",
+                                      "--config.calibrate.require_premise=true"])
+  assert rc == (0 if holds else 2)
+  if not holds:
+    assert "calibrate.require_premise" in capsys.readouterr().err
+
+
+def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
+  from first_jax import evaluate
+  import shutil
+  wd = str(tmp_path / "ep")
+  shutil.copytree(workdir, wd)
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}",
+                         "--config.students=('sft', 'sft@1')"])
+  one, full = (train.parse_variant(n, cfg) for n in ("sft@1", "sft"))
+  assert one.epochs == 1 and one.spec == full.spec
+  assert train.variant_fingerprint(cfg, one, 1.0) != train.variant_fingerprint(cfg, full, 1.0)
+  train.run(cfg)
+  with open(os.path.join(wd, "students", "sft@1", "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  with open(os.path.join(wd, "data", "split.json")) as f:
+    n_train = len(json.load(f)["splits"]["train"]["indices"])
+  assert max(steps) == n_train // cfg.distill.batch_size  # one epoch, not distill.epochs (2)
+  results = evaluate.run(cfg)
+  chosen = results["sft@val"]["in_domain"]["chosen"]
+  assert chosen in ("sft", "sft@1")
+  assert results["sft@val"]["in_domain"]["ece"] == results[chosen]["in_domain"]["ece"]
+  with pytest.raises(Exception, match="E epochs"):
+    train.parse_variant("sft@0", cfg)

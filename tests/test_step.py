@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import models, step, trainer
+import jax.numpy as jnp
+
+from first_jax import models, step, temperature, trainer
 
 V, L, B = 97, 12, 4
 
@@ -97,20 +99,67 @@ def test_offline_equals_online_on_the_same_batch(tail, mode):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
-def test_online_search_sets_and_smooths_the_temperature():
+def test_online_search_buffers_events_and_starts_from_the_given_temperature():
   student, teacher, batch = tiny(6), tiny(7, layers=2), make_batch(8)
   batch["loss_mask"] = batch["attention_mask"].astype(np.float32)  # many token events
-  spec = step.LossSpec(kind="topk_kd", online=True, search=True, ema=0.5,
-                       temperature_mode="log_space")
-  state, _ = run_steps(student, spec, batch, 1, teacher=teacher)
-  t1 = float(state.temperature)
-  # The first step takes the searched value itself: it must equal a direct search.
-  apply_t = trainer.model_apply(teacher.module)
+  n_events = int(batch["loss_mask"].sum())
+  spec = step.LossSpec(kind="topk_kd", online=True, search=True, temperature_mode="log_space",
+                       search_events=64, search_min_events=n_events + 1)
+  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
+  tx = step.make_optimizer(lr=1e-3, total_steps=3, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(student.params, tx, 0, initial_temperature=0.8,
+                          events=step.event_buffer(64, 5))
+  fn = jax.jit(functools.partial(step.train_step, student_apply=apply_s, teacher_apply=apply_t,
+                                 spec=spec, tx=tx))
+  state, _ = fn(state, batch, teacher.params)
+  assert float(state.temperature) == pytest.approx(0.8)  # too few events yet: the start value
+  assert float(state.events["weight"].sum()) == n_events
+  state, _ = fn(state, batch, teacher.params)  # now 2 * n_events > min (buffer wraps: 64 slots)
   targets = step.teacher_topk(apply_t(teacher.params, batch["input_ids"],
                                       batch["attention_mask"]), 5)
-  direct = float(step.searched_temperature(targets, batch, spec))
-  assert t1 == pytest.approx(direct, rel=1e-6)
-  assert t1 != 1.0
+  buf = step.add_events(step.add_events(step.event_buffer(64, 5), targets, batch), targets,
+                        batch)
+  direct = float(step.searched_temperature(buf, spec))
+  assert float(state.temperature) == pytest.approx(direct, rel=1e-6) and direct != 0.8
+  assert int(state.events["next"]) == (2 * B * L) % 64
+
+
+def test_online_search_ends_within_ten_percent_of_the_offline_search():
+  """A bigram teacher over-confident by 2x (data drawn from softmax(E / 2)): the buffered
+  online search over the stream ends near the offline search over all of it."""
+  rng = np.random.default_rng(12)
+  e_VxV = (rng.normal(size=(V, V)) * 2.5).astype(np.float32)
+  p_VxV = np.exp(e_VxV / 2.0)
+  p_VxV /= p_VxV.sum(-1, keepdims=True)
+  n, length = 256, 17
+  seqs = np.zeros((n, length), np.int32)
+  seqs[:, 0] = rng.integers(0, V, n)
+  for t in range(1, length):
+    u = rng.uniform(size=(n, 1))
+    seqs[:, t] = (p_VxV[seqs[:, t - 1]].cumsum(-1) > u).argmax(-1)
+  ids, targets = seqs[:, :-1], seqs[:, 1:]
+  mask = np.ones_like(ids, np.float32)
+  teacher_apply = lambda params, x, attention_mask=None, **kw: params["E"][x]
+  lp, top_ids, tail = step.topk.extract(jnp.asarray(e_VxV[ids]), 5)
+  offline = float(temperature.search(
+      lp.reshape(-1, 5), top_ids.reshape(-1, 5), jnp.asarray(targets.reshape(-1)),
+      mode="log_space", tail_logmass_N=tail.reshape(-1)).best_t)
+  assert offline > 1.3  # the premise: softening
+  spec = step.LossSpec(kind="topk_kd", online=True, search=True, temperature_mode="log_space",
+                       search_events=2048, search_min_events=256)
+  student = tiny(13)
+  tx = step.make_optimizer(lr=1e-3, total_steps=16, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(student.params, tx, 0, events=step.event_buffer(2048, 5))
+  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(
+      student.module), teacher_apply=teacher_apply, spec=spec, tx=tx))
+  for i in range(16):
+    rows = slice(16 * i, 16 * (i + 1))
+    batch = {"input_ids": ids[rows], "attention_mask": np.ones_like(ids[rows]),
+             "targets": targets[rows], "loss_mask": mask[rows]}
+    state, _ = fn(state, batch, {"E": jnp.asarray(e_VxV)})
+  assert float(state.temperature) == pytest.approx(offline, rel=0.1)
 
 
 def test_teacher_is_not_updated_and_only_student_params_in_opt_state():

@@ -154,3 +154,45 @@ def test_fit_nll_temperature_topk_minimises_binary_nll(mode):
   vals = np.array([bnll(t) for t in ts])
   assert float(fit.nll) <= vals.min() + 1e-5
   np.testing.assert_allclose(float(fit.nll), bnll(float(fit.t)), rtol=1e-4)
+
+
+def _ref_choice_events(lp, ids, tail, choice_ids, targets, t, mode):
+  """float64: re-scaled top-k read at the choices, renormalised; (confidence, correct)."""
+  r = _ref_rescale(lp, t, mode, tail)[:, :lp.shape[1]]
+  conf, correct = [], []
+  for i in range(len(lp)):
+    m = np.array([np.exp(r[i][ids[i] == c]).sum() for c in choice_ids[i]])
+    z = np.where(m > 0, np.log(np.maximum(m, 1e-300)), -1e4)  # outside the top-k: TAIL_FLOOR
+    z = np.where(choice_ids[i] >= 0, z, -np.inf)
+    p = np.exp(z - z.max())
+    p = p / p.sum()
+    conf.append(p.max())
+    correct.append(float(choice_ids[i][p.argmax()] == targets[i]))
+  return np.asarray(conf), np.asarray(correct)
+
+
+@pytest.mark.parametrize("mode", temperature.MODES)
+def test_choice_scoring_search_matches_numpy(mode):
+  """Choices scoring: the softmax over the choice tokens of the re-scaled top-k (+ tail)."""
+  rng = np.random.default_rng(7)
+  lp, ids, _, tail, w = _teacher(n=400, v=12, k=5, seed=3)
+  choice_ids = np.stack([rng.permutation(12)[:4] for _ in range(len(lp))]).astype(np.int32)
+  choice_ids[::7, 3] = -1  # some questions have three choices
+  targets = choice_ids[np.arange(len(lp)), rng.integers(0, 3, len(lp))]
+  grid = np.asarray([0.3, 0.7, 1.0, 2.0], np.float32)
+  res = jax.jit(functools.partial(temperature.search, mode=mode, grid=grid, refine=False))(
+      lp, ids, targets, weights_N=w, tail_logmass_N=tail, choice_ids_NxC=choice_ids)
+  for t, got in zip(grid, np.asarray(res.ece_T)):
+    conf, correct = _ref_choice_events(lp, ids, tail, choice_ids, targets, float(t), mode)
+    np.testing.assert_allclose(got, _ref_ece(conf, correct, w), atol=2e-5)
+  conf = temperature.event_confidence(lp, ids, 0.7, mode, tail, choice_ids)
+  ref_conf, ref_correct = _ref_choice_events(lp, ids, tail, choice_ids, targets, 0.7, mode)
+  np.testing.assert_allclose(np.asarray(conf), ref_conf, rtol=1e-5)
+  np.testing.assert_array_equal(
+      np.asarray(temperature.event_correct(lp, ids, targets, choice_ids)), ref_correct)
+  assert 0.0 < ref_correct.mean() < 1.0  # the test sees both outcomes
+
+
+def test_log_space_grid_holds_the_identity():
+  grid = temperature.default_grid("log_space")
+  assert np.any(grid == np.float32(1.0)) and np.all(np.diff(grid) > 0)
