@@ -35,5 +35,7 @@ def get_config(arg: str = ""):
   c.calibrate.mode = "log_space"
   c.distill.length_buckets = (64, 80, 96)  # students: batches of similar length, less padding
   c.calibrate.require_premise = True  # no students from a teacher that is not over-confident
-  c.students = ("sft", "sft_ls", "sft_ls-choices", "kd", "first")
+  # sft@1 / sft@2: the SFT student's epoch count chosen on validation (row sft@val) beside the
+  # fixed 3 epochs every student gets
+  c.students = ("sft", "first", "kd", "sft_ls-choices", "sft_ls", "sft@1", "sft@2")
   return c

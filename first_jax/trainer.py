@@ -18,6 +18,7 @@ import jax
 from first_jax import checkpoint as ckpt_lib
 from first_jax import data as data_lib
 from first_jax import log as log_lib
+from first_jax import preemption
 from first_jax import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -94,28 +95,33 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
   bar = log_lib.progress(range(start, total_steps), desc=name, total=total_steps, initial=start)
   t0 = time.time()
   it: Iterator[dict] = iter(batches)
-  try:
-    for step in bar:
-      batch = put_batch(next(it))
-      state, metrics = step_fn(state, batch, teacher_params)
-      if pending is not None:  # fetch one step late: the device is already on the next step
-        acc.add(pending)
-      pending = metrics
-      done = step + 1
-      if done % log_every == 0 or done == total_steps:
-        acc.add(pending)
-        pending = None
-        scalars = acc.means(name)
-        scalars[f"{name}/steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
-        writer.write(done, scalars)
-        last_loss = scalars.get(f"{name}/loss")
-        bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "?")
-      if done % every_steps == 0 or done == total_steps:
-        ckpt.save(done, state, batches.state(), loss=last_loss, force=done == total_steps)
-  finally:  # also on Ctrl-C: let an in-flight async save finish so the checkpoint is whole
-    bar.close()
-    ckpt.close()
-    writer.close()
+  with preemption.step_boundaries():  # SIGTERM waits for the end of a step
+    try:
+      for step in bar:
+        batch = put_batch(next(it))
+        state, metrics = step_fn(state, batch, teacher_params)
+        if pending is not None:  # fetch one step late: the device is already on the next step
+          acc.add(pending)
+        pending = metrics
+        done = step + 1
+        if done % log_every == 0 or done == total_steps:
+          acc.add(pending)
+          pending = None
+          scalars = acc.means(name)
+          scalars[f"{name}/steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
+          writer.write(done, scalars)
+          last_loss = scalars.get(f"{name}/loss")
+          bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "?")
+        if done % every_steps == 0 or done == total_steps:
+          ckpt.save(done, state, batches.state(), loss=last_loss, force=done == total_steps)
+        elif preemption.requested():  # SIGTERM: a checkpoint at this step, then stop
+          ckpt.save(done, state, batches.state(), loss=last_loss, force=True)
+        if preemption.requested():
+          raise preemption.Preempted(f"{name}: stopped at step {done} (checkpoint saved)")
+    finally:  # also on Ctrl-C: let an in-flight async save finish so the checkpoint is whole
+      bar.close()
+      ckpt.close()
+      writer.close()
   return state
 
 

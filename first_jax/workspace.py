@@ -11,14 +11,17 @@ pipeline skips stages that are done and re-runs those whose inputs changed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
+import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -79,6 +82,34 @@ def start_run(path: str, fp: str) -> None:
     log.warning("%s holds a run of another config; moved to %s", path, aside)
     os.rename(path, aside)
   io_util.atomic_write_json(marker, {"fingerprint": fp})
+
+
+@contextlib.contextmanager
+def lock(cfg: ml_collections.ConfigDict) -> Iterator[None]:
+  """Holds `<workdir>/.lock` (an flock, released by the OS when the process dies: no stale
+  locks) for one run; a second run on the workdir is a UserError naming the holder. Taken by
+  process 0 only (the other hosts of a multi-host run share its workdir)."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = folder(cfg, ".lock")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f"config.workdir: cannot create {path} ({e.strerror})") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      raise UserError(f"config.workdir: {os.path.dirname(path)} is in use by {holder}; wait for "
+                      f"that run to end or use another workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the flock
 
 
 # ----------------------------------------------------------------------------- mesh

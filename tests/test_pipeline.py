@@ -246,3 +246,16 @@ def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
   assert results["sft@val"]["in_domain"]["ece"] == results[chosen]["in_domain"]["ece"]
   with pytest.raises(Exception, match="E epochs"):
     train.parse_variant("sft@0", cfg)
+
+
+def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path, capsys):
+  wd = str(tmp_path / "locked")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
+  with workspace.lock(cfg):
+    rc = cli.stage_main(pipeline.run, ["--config", SMOKE, f"--config.workdir={wd}"])
+    assert rc == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and "in use" in err[0]
+    assert os.listdir(wd) == [".lock"]  # nothing else was written
+  with workspace.lock(cfg):  # released when its holder ends
+    pass

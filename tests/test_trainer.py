@@ -2,12 +2,13 @@
 import functools
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from first_jax import data, step, trainer
+from first_jax import data, preemption, step, trainer
 from tests.test_step import make_batch, tiny
 
 
@@ -24,7 +25,7 @@ def losses_by_step(folder):
   return {r["step"]: r["t/loss"] for r in rows}  # a resumed run's rows replace earlier ones
 
 
-def run(folder, total, kill_after=None):
+def run(folder, total, kill_after=None, sigterm_at=None):
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
@@ -36,6 +37,8 @@ def run(folder, total, kill_after=None):
   def step_fn(state, batch, teacher_params):
     if kill_after is not None and calls["n"] == kill_after:
       raise KeyboardInterrupt("killed")
+    if sigterm_at is not None and calls["n"] == sigterm_at:  # arrives in the middle of a step
+      os.kill(os.getpid(), signal.SIGTERM)
     calls["n"] += 1
     return fn(state, batch, teacher_params)
 
@@ -68,3 +71,20 @@ def test_resume_false_starts_over(tmp_path):
   run(str(tmp_path / "a"), 4)
   state = run(str(tmp_path / "a"), 8)
   assert int(state.step) == 8
+
+
+def test_sigterm_saves_at_the_current_step_and_resumes_exactly(tmp_path):
+  total = 14
+  unbroken = run(str(tmp_path / "a"), total)
+  old = signal.getsignal(signal.SIGTERM)
+  preemption.install()
+  try:
+    with pytest.raises(preemption.Preempted, match="stopped at step 7"):
+      run(str(tmp_path / "b"), total, sigterm_at=6)  # the 7th step finishes, then stops
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  ckpts = sorted(int(d) for d in os.listdir(tmp_path / "b" / "checkpoints") if d.isdigit())
+  assert ckpts[-1] == 7  # not a multiple of every_steps=4: saved because of the signal
+  resumed = run(str(tmp_path / "b"), total)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
+               unbroken.params, resumed.params)
