@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Sequence
 
@@ -177,10 +178,52 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if vocab:
     _require(k <= vocab, "extract.k", f"<= the vocabulary size {vocab}", k)
   for block in ("finetune", "distill"):
-    lr = cfg[block].lr
-    _require(lr > 0, f"{block}.lr", "a positive learning rate", lr)
-    _require(cfg[block].batch_size >= 1, f"{block}.batch_size", "an integer >= 1",
-             cfg[block].batch_size)
+    o = cfg[block]
+    _require(math.isfinite(o.lr) and o.lr > 0, f"{block}.lr", "a finite positive learning rate",
+             o.lr)
+    for key in ("batch_size", "epochs", "grad_accum"):
+      _require(o[key] >= 1, f"{block}.{key}", "an integer >= 1", o[key])
+    _require(0 <= o.warmup_ratio < 1, f"{block}.warmup_ratio", "0 <= value < 1", o.warmup_ratio)
+    _require(o.weight_decay >= 0, f"{block}.weight_decay", "a value >= 0", o.weight_decay)
+    _require(o.clip_norm > 0, f"{block}.clip_norm", "a value > 0", o.clip_norm)
+    _require(0 <= o.label_smoothing < 1, f"{block}.label_smoothing", "0 <= value < 1",
+             o.label_smoothing)
+  _require(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32)", cfg.seed)
+  _require(cfg.extract.logprob_dtype in ("float16", "bfloat16"), "extract.logprob_dtype",
+           "float16 or bfloat16", cfg.extract.logprob_dtype)
+  for key in ("batch_size", "shard_size"):
+    _require(cfg.extract[key] >= 1, f"extract.{key}", "an integer >= 1", cfg.extract[key])
+  _require(cfg.evaluate.batch_size >= 1, "evaluate.batch_size", "an integer >= 1",
+           cfg.evaluate.batch_size)
+  nb = cfg.evaluate.num_bins
+  _require(len(nb) >= 1 and all(isinstance(b, int) and b >= 1 for b in nb), "evaluate.num_bins",
+           "a non-empty tuple of bin counts >= 1", nb)
+  _require(cfg.calibrate.num_bins >= 1, "calibrate.num_bins", "an integer >= 1",
+           cfg.calibrate.num_bins)
+  _require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "an integer >= 1",
+           cfg.checkpoint.every_steps)
+  _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
+  _require(cfg.log_every_steps >= 1, "log_every_steps", "an integer >= 1", cfg.log_every_steps)
+  _require(cfg.data.num_examples >= 0, "data.num_examples", "0 (all) or a count",
+           cfg.data.num_examples)
+  _require(cfg.data.num_ood_examples >= 0, "data.num_ood_examples", "0 (all) or a count",
+           cfg.data.num_ood_examples)
+  _require(cfg.distill.direction in ("forward", "reverse", "jsd"), "distill.direction",
+           "forward, reverse or jsd", cfg.distill.direction)
+  _require(cfg.distill.temperature_mode in ("prob_softmax", "log_space"),
+           "distill.temperature_mode", "prob_softmax or log_space", cfg.distill.temperature_mode)
+  t = cfg.distill.temperature
+  if t not in ("calibrated", "search"):
+    try:
+      ok = math.isfinite(float(t)) and float(t) > 0
+    except (TypeError, ValueError):
+      ok = False
+    _require(ok, "distill.temperature", "calibrated, search or a positive number", t)
+  if "model" in cfg.student and cfg.student.init == cfg.teacher.init == "random":
+    _require(cfg.student.model.vocab_size == cfg.teacher.model.vocab_size,
+             "student.model.vocab_size", f"the teacher's vocabulary size "
+             f"{cfg.teacher.model.vocab_size} (the top-k ids index both)",
+             cfg.student.model.vocab_size)
   _require(cfg.calibrate.mode in ("prob_softmax", "log_space"), "calibrate.mode",
            "prob_softmax or log_space", cfg.calibrate.mode)
   _require(cfg.evaluate.scoring in ("choices", "vocab"), "evaluate.scoring", "choices or vocab",
@@ -283,7 +326,8 @@ def base() -> ml_collections.ConfigDict:
       label_smoothing=0.1,  # of the sft_ls student baseline
       seed=-1,  # students' batch order; -1: config.seed (>= 0: student seeds over one teacher)
       # Batch rows of similar length together and cut each batch's padding to the smallest of
-      # these lengths holding it (one compile each); (): every batch at data.max_len.
+      # these lengths holding it (one compile each); (): every batch at data.max_len. Also cuts
+      # the padding of evaluation batches (rows scored shortest first).
       length_buckets=(),
   ))
   c.extract = ml_collections.ConfigDict(dict(

@@ -61,15 +61,29 @@ def scorer(model):
   return jax.jit(functools.partial(answer_scores, apply=trainer.model_apply(model.module)))
 
 
-def score(fn, model, arrays: dict, batch_size: int, batch_sharding) -> dict[str, np.ndarray]:
-  """Answer-position scores of `model` on every row of `arrays`."""
+def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
+          length_buckets: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+  """Answer-position scores of `model` on every row of `arrays` (in their order).
+
+  With `length_buckets` the rows are scored shortest first and each batch's padding is cut to
+  a bucket (`data.trim_batch`; exact for the causal model), one compile per bucket.
+  """
   n = len(arrays["input_ids"])
   keys = ("input_ids", "attention_mask", "answer_pos", "choice_ids")
-  batches = data_lib.BatchIterator(arrays, batch_size, seed=0, shuffle=False,
-                                   drop_remainder=False, num_epochs=1)
-  outs = [jax.device_get(fn(model.params, jax.device_put({k: b[k] for k in keys}, batch_sharding)))
-          for b in log_lib.progress(batches, desc="score", total=-(-n // batch_size))]
-  return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+  order = (np.argsort(arrays["attention_mask"].sum(-1), kind="stable") if length_buckets
+           else np.arange(n))
+  batches = data_lib.BatchIterator({k: arrays[k][order] for k in keys}, batch_size, seed=0,
+                                   shuffle=False, drop_remainder=False, num_epochs=1)
+  outs = []
+  for b in log_lib.progress(batches, desc="score", total=-(-n // batch_size)):
+    b = data_lib.trim_batch({k: b[k] for k in keys}, length_buckets)
+    outs.append(jax.device_get(fn(model.params, jax.device_put(b, batch_sharding))))
+  sorted_out = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+  out = {}
+  for k, v in sorted_out.items():
+    out[k] = np.empty_like(v)
+    out[k][order] = v
+  return out
 
 
 def _tail(top_NxR: np.ndarray) -> np.ndarray:
@@ -230,8 +244,8 @@ def run(cfg) -> dict:
     def compute(load=load):
       model = load()
       fn = scorer(model)
-      return {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs)
-              for s, arrays in sets.items()}
+      return {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs,
+                       tuple(cfg.distill.length_buckets)) for s, arrays in sets.items()}
     key = None if model_fp is None else f"{model_fp}/{data_key}"
     scored = cached_scores(os.path.join(out, "scores"), name, key, compute)
     val_nll[name] = metrics(events(scored["validation"], sets["validation"], scoring), nb)["nll"]

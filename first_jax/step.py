@@ -63,7 +63,8 @@ class LossSpec:
 def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_decay: float,
                    clip_norm: float, b1: float, b2: float, eps: float,
                    grad_accum: int = 1) -> optax.GradientTransformation:
-  """AdamW, linear warmup + cosine decay, global-norm clipping, optional accumulation."""
+  """AdamW, linear warmup + cosine decay, global-norm clipping, optional accumulation; updates
+  with a non-finite gradient are skipped."""
   updates = max(1, total_steps // max(1, grad_accum))
   warmup = int(round(warmup_ratio * updates))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -71,6 +72,9 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_d
       decay_steps=max(updates, warmup + 1), end_value=0.0)
   tx = optax.chain(optax.clip_by_global_norm(clip_norm),
                    optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  # A non-finite gradient skips the update (params and moments unchanged); the trainer counts
+  # them and stops a run that keeps producing them, so optax never applies one.
+  tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
   return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
 
 
@@ -219,7 +223,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
                                      spec=spec)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones(()))
+  grad_norm = optax.tree.norm(grads)
+  metrics["grad_norm"] = (grad_norm, jnp.ones(()))
+  metrics["skipped"] = ((~jnp.isfinite(grad_norm)).astype(jnp.float32), jnp.ones(()))
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                             temperature=t.astype(jnp.float32), events=events)

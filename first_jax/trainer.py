@@ -17,24 +17,42 @@ import jax
 
 from first_jax import checkpoint as ckpt_lib
 from first_jax import data as data_lib
+from first_jax import io_util
 from first_jax import log as log_lib
 from first_jax import preemption
 from first_jax import step as step_lib
+from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[Any, dict, Any], tuple[Any, dict]]
 
 
+def _step_of(row: str) -> int | None:
+  try:
+    return int(json.loads(row)["step"])
+  except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+    return None
+
+
 class MetricsWriter:
   """Appends interval means to metrics.jsonl and TensorBoard event files under `folder`."""
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str, resumed_at: int = 0):
+    """`resumed_at`: rows of later steps (logged before a kill, about to be redone) are dropped."""
     os.makedirs(folder, exist_ok=True)
-    self._jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+    path = os.path.join(folder, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [line for line in f if line.strip()]
+      keep = [r for r in rows if _step_of(r) is not None and _step_of(r) <= resumed_at]
+      if len(keep) != len(rows):
+        io_util.atomic_write_bytes(path, "".join(keep).encode())
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(folder, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(folder, "tensorboard"),
+                               purge_step=resumed_at + 1 if resumed_at else None)
     except ImportError:  # optional: JSONL is the record
       self._tb = None
 
@@ -52,13 +70,18 @@ class MetricsWriter:
 
 
 class _Accumulator:
-  """Sums (sum, count) metric pairs over a logging interval."""
+  """Sums (sum, count) metric pairs over a logging interval; counts skipped steps in a row."""
 
   def __init__(self):
     self.sums: dict[str, list[float]] = {}
+    self.skipped_in_a_row = 0
 
   def add(self, metrics: dict) -> None:
-    for name, (total, count) in jax.device_get(metrics).items():
+    metrics = jax.device_get(metrics)
+    if "skipped" in metrics:
+      skipped = float(metrics["skipped"][0]) > 0
+      self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+    for name, (total, count) in metrics.items():
       s = self.sums.setdefault(name, [0.0, 0.0])
       s[0] += float(total)
       s[1] += float(count)
@@ -69,10 +92,17 @@ class _Accumulator:
     return out
 
 
+def _check_finite(name: str, acc: _Accumulator, step: int, max_skipped: int) -> None:
+  if acc.skipped_in_a_row >= max_skipped:
+    raise UserError(f"{name}: {acc.skipped_in_a_row} steps in a row up to step {step} had a "
+                    f"non-finite loss or gradient (updates skipped); stopped, the last "
+                    f"checkpoint is kept (lower the learning rate or check the data)")
+
+
 def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
         total_steps: int, put_batch: Callable[[dict], dict], teacher_params: Any = None,
         resume: bool = True, every_steps: int = 50, keep: int = 2,
-        log_every: int = 10) -> Any:
+        log_every: int = 10, max_skipped: int = 20) -> Any:
   """Runs `step_fn` until `total_steps`, checkpointing (state, data position) as it goes.
 
   Args:
@@ -83,6 +113,8 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
     batches: iterator of host batches with `state()` / `restore(dict)` (first_jax.data).
     total_steps: steps of the whole run (a resumed run continues up to it).
     put_batch: host batch -> device batch (adds store targets, shards over the mesh).
+    max_skipped: stop (UserError) after this many steps in a row whose update was skipped for a
+      non-finite gradient.
   """
   ckpt = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"), keep=keep)
   start = 0
@@ -90,7 +122,7 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
     state, data_state, start = ckpt.restore(ckpt_lib.abstract_like(state))
     batches.restore(data_state)
     log.info("%s: resuming at step %d of %d", name, start, total_steps)
-  writer = MetricsWriter(folder)
+  writer = MetricsWriter(folder, resumed_at=start)
   acc, pending, last_loss = _Accumulator(), None, None
   bar = log_lib.progress(range(start, total_steps), desc=name, total=total_steps, initial=start)
   t0 = time.time()
@@ -102,10 +134,12 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
         state, metrics = step_fn(state, batch, teacher_params)
         if pending is not None:  # fetch one step late: the device is already on the next step
           acc.add(pending)
+          _check_finite(name, acc, step, max_skipped)
         pending = metrics
         done = step + 1
         if done % log_every == 0 or done == total_steps:
           acc.add(pending)
+          _check_finite(name, acc, done, max_skipped)
           pending = None
           scalars = acc.means(name)
           scalars[f"{name}/steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)

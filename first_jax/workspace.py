@@ -88,13 +88,16 @@ def start_run(path: str, fp: str) -> None:
 def lock(cfg: ml_collections.ConfigDict) -> Iterator[None]:
   """Holds `<workdir>/.lock` (an flock, released by the OS when the process dies: no stale
   locks) for one run; a second run on the workdir is a UserError naming the holder. Taken by
-  process 0 only (the other hosts of a multi-host run share its workdir)."""
+  process 0 only (the other hosts of a multi-host run share its workdir). A workdir this run
+  created and left empty (e.g. a config error found by a stage's own checks) is removed."""
   if jax.process_index() != 0:
     yield
     return
   path = folder(cfg, ".lock")
+  root = os.path.dirname(path)
+  created = not os.path.exists(root)
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise UserError(f"config.workdir: cannot create {path} ({e.strerror})") from None
@@ -110,6 +113,9 @@ def lock(cfg: ml_collections.ConfigDict) -> Iterator[None]:
     yield
   finally:
     os.close(fd)  # releases the flock
+    if created and os.listdir(root) == [".lock"]:  # a run that wrote nothing leaves nothing
+      os.remove(path)
+      os.rmdir(root)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -241,6 +247,12 @@ def load_export(cfg: ml_collections.ConfigDict, stage_folder: str,
 
 
 def export(model: models.Model, tok, path: str) -> None:
-  """HF-format model (config.json + model.safetensors) plus its tokenizer, for serving."""
+  """HF-format model (config.json + model.safetensors) plus its tokenizer, for serving.
+  A model with a non-finite parameter is refused (never exported, so never marked done)."""
+  finite = jax.tree.map(lambda x: bool(jax.numpy.isfinite(x).all()), model.params)
+  bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_leaves_with_path(finite)
+         if not ok]
+  if bad:
+    raise UserError(f"{path}: not exported, non-finite parameters in {', '.join(bad[:3])}")
   models.save_pretrained(model, path)
   tok.save_pretrained(path)

@@ -259,3 +259,21 @@ def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path, ca
     assert os.listdir(wd) == [".lock"]  # nothing else was written
   with workspace.lock(cfg):  # released when its holder ends
     pass
+
+
+def test_scoring_shortest_first_with_cut_padding_equals_full_padding(workdir):
+  from first_jax import evaluate, sharding
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  tok = workspace.tokenizer(cfg)
+  arrays = workspace.load_data(cfg, tok).splits["test"]
+  lengths = arrays["attention_mask"].sum(-1)
+  buckets = (int(np.percentile(lengths, 30)) + 1, int(np.percentile(lengths, 70)) + 1)
+  model = workspace.load_export(cfg, workspace.folder(cfg, "students", "first"))
+  fn = evaluate.scorer(model)
+  bs = sharding.batch_sharding(workspace.mesh(cfg))
+  full = evaluate.score(fn, model, arrays, 16, bs)
+  cut = evaluate.score(fn, model, arrays, 16, bs, buckets)
+  assert arrays["input_ids"].shape[1] > max(buckets)  # some batches really are cut
+  for k in full:
+    np.testing.assert_allclose(cut[k], full[k], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(cut["top_ids"][:, 0], full["top_ids"][:, 0])

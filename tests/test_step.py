@@ -185,3 +185,27 @@ def test_answer_only_extraction_matches_full_at_the_answer_positions():
   other = np.ones((B, L), bool)
   other[rows, pos] = False
   assert np.all(np.asarray(sparse["teacher_ids"])[other] == 0)
+
+
+def test_non_finite_gradient_skips_the_update():
+  student, batch = tiny(14), make_batch(15)
+  apply_s = trainer.model_apply(student.module)
+  tx = step.make_optimizer(lr=1e-2, total_steps=4, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  spec = step.LossSpec(kind="topk_kd", temperature_mode=None)
+  fn = jax.jit(functools.partial(step.train_step, student_apply=apply_s, teacher_apply=None,
+                                 spec=spec, tx=tx))
+  rng = np.random.default_rng(16)
+  lp = np.log(rng.dirichlet(np.ones(6), size=(B, L)))[..., :5].astype(np.float32)
+  good = {**batch, "teacher_ids": rng.integers(0, V, (B, L, 5)).astype(np.int32),
+          "teacher_logprobs": lp, "teacher_tail": np.log1p(-np.exp(lp).sum(-1))}
+  bad = {**good, "teacher_logprobs": np.where(np.arange(5) == 2, np.nan, lp).astype(np.float32)}
+  state = step.init_state(student.params, tx, 0)
+  before = jax.tree.map(np.asarray, state.params)
+  state, m = fn(state, bad)
+  assert float(m["skipped"][0]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
+  state, m = fn(state, good)
+  assert float(m["skipped"][0]) == 0.0
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.params)
+  assert all(jax.tree.leaves(changed))

@@ -22,7 +22,9 @@ def arrays(n=24, seed=0):
 def losses_by_step(folder):
   with open(os.path.join(folder, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return {r["step"]: r["t/loss"] for r in rows}  # a resumed run's rows replace earlier ones
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), steps  # a resume drops the rows it redoes: no repeats
+  return {r["step"]: r["t/loss"] for r in rows}
 
 
 def run(folder, total, kill_after=None, sigterm_at=None):
@@ -88,3 +90,22 @@ def test_sigterm_saves_at_the_current_step_and_resumes_exactly(tmp_path):
   resumed = run(str(tmp_path / "b"), total)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
                unbroken.params, resumed.params)
+
+
+def test_a_run_of_non_finite_steps_stops_with_one_line(tmp_path):
+  from first_jax.errors import UserError
+  model = tiny(0)
+  tx = step.make_optimizer(lr=3e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(model.params, tx, seed=0)
+  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(model.module),
+                                 teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
+  nan_params = jax.tree.map(lambda x: x * np.nan, model.params)
+  # every step's gradient is non-finite: the loss is computed from NaN weights
+  step_fn = lambda s, b, t: fn(s.replace(params=nan_params), b, t)
+  batches = data.BatchIterator(arrays(), batch_size=4, seed=3)
+  put = lambda b: {k: v for k, v in b.items() if k != "example_id"}
+  with pytest.raises(UserError, match="3 steps in a row up to step 3 had a non-finite"):
+    trainer.fit(name="t", folder=str(tmp_path / "n"), state=state, step_fn=step_fn,
+                batches=batches, total_steps=10, put_batch=put, every_steps=100, keep=2,
+                log_every=1, max_skipped=3)

@@ -61,3 +61,17 @@ def test_a_run_of_another_config_is_moved_aside_not_resumed(tmp_path):
   assert os.path.exists(os.path.join(run + ".stale-aaa", "checkpoints", "10"))
   with open(os.path.join(run, "run.json")) as f:
     assert json.load(f)["fingerprint"] == "bbb"
+
+
+def test_a_model_with_non_finite_parameters_is_never_exported(tmp_path):
+  import jax
+  from first_jax import models
+  from tests.test_step import tiny
+  model = tiny(0)
+  leaves, tree = jax.tree.flatten(model.params)
+  leaves[1] = leaves[1].at[0].set(float("inf"))
+  bad = models.Model(model.config, jax.tree.unflatten(tree, leaves))
+  path = str(tmp_path / "export")
+  with pytest.raises(UserError, match="not exported, non-finite parameters"):
+    workspace.export(bad, None, path)
+  assert not os.path.exists(path)
