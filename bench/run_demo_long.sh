@@ -3,12 +3,12 @@
 # in docs/results_long.md. A seed's fine-tuned teacher, split and store are those of
 # demo_full (the same fingerprint): when workdir/demo_full/seed<N> has them they are hard-linked
 # in rather than recomputed (the pipeline checks the fingerprints and re-runs what differs).
-#   bash bench/run_demo_long.sh [SEED ...]          (default: 0 1)
+#   bash bench/run_demo_long.sh [SEED ...]          (default: 0 1 2)
 # Extra pipeline flags: DEMO_LONG_FLAGS="--config.students=('sft','first','kd')" bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("$@")
-[ $# -eq 0 ] && seeds=(0 1)
+[ $# -eq 0 ] && seeds=(0 1 2)
 runs=()
 for s in "${seeds[@]}"; do
   wd="workdir/demo_long/seed$s"
