@@ -11,12 +11,12 @@ post-hoc fits also use (results carry both):
            binary event
 Metrics: accuracy, mean confidence, ECE (10 and 15 bins, equal-width and equal-mass), MCE, Brier,
 NLL, reliability bins. Rows: the pre-trained and fine-tuned teacher, every trained student, and
-`<student>+ts` for each student in `evaluate.post_hoc` (post-hoc temperature scaling fitted by
-NLL on the validation split, under the same scoring), and `sft@val`, the SFT student among
-`sft` and `sft@E` (E epochs) with the lowest validation NLL, when several were trained. Writes eval/results.json (metrics),
-eval/events.json (per-example confidence and correctness, for bootstrap intervals),
-eval/results.md and reliability diagrams. Scores are cached per model in eval/scores/, keyed by
-the model's and the data's fingerprints, so a re-run only scores what changed.
+`<student>+ts` for each student in `evaluate.post_hoc` (post-hoc temperature scaling fitted by NLL
+on the validation split, under the same scoring), and `sft@val`, the SFT student among `sft` and
+`sft@E` (E epochs) with the lowest validation NLL, when several were trained. Writes
+eval/results.json (metrics), eval/events.json (per-example confidence and correctness, for bootstrap
+intervals), eval/results.md and reliability diagrams. Scores are cached per model in eval/scores/,
+keyed by the model's and the data's fingerprints, so a re-run only scores what changed.
 """
 from __future__ import annotations
 

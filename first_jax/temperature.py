@@ -153,8 +153,8 @@ def search(logprobs_NxK: jax.Array, ids_NxK: jax.Array, targets_N: jax.Array, *,
   confidence = re-scaled probability of ids[:, 0] (the order is kept by both modes), correct =
   ids[:, 0] == targets (full-vocabulary top-1). With it: the re-scaled top-k read at the choice
   tokens and renormalised over them (`choice_logprobs`); confidence = the most likely choice's
-  probability, correct = its token is the target. The ECE (and binary NLL / Brier) of every grid temperature is
-  computed in one `lax.scan`; with `refine`, a second scan covers [grid[i-1], grid[i+1]] around
+  probability, correct = its token is the target. The ECE (and binary NLL / Brier) of every grid
+  temperature is computed in one `lax.scan`; with `refine`, a second scan covers [grid[i-1], grid[i+1]] around
   the best index i with `refine_points` points (11: step = spacing / 5, the paper's 0.02 around a
   0.1 grid; at the ends the bracket is [grid[0] / 2, ...] or [..., 2 grid[-1] - grid[-2]]).
   best_t is the first argmin over all evaluated temperatures, so it is exactly the grid argmin

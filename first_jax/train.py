@@ -9,9 +9,9 @@
 `kd` and `first` take optional suffixes overriding the scaling mode and tail handling, e.g.
 `first-log_space`, `first-renormalize`, `kd-renormalize`. Any variant takes `@E` for E epochs
 instead of `distill.epochs` (e.g. `sft@1`: the evaluation picks the SFT epoch count on
-validation among `sft@E` and `sft`). With `distill.mode = online` the
-teacher runs inside the jitted step (forward under stop_gradient, top-k, optional in-step ECE
-temperature search, rescale and KL in one XLA program) instead of reading the store.
+validation among `sft@E` and `sft`). With `distill.mode = online` the teacher runs inside the
+jitted step (forward under stop_gradient, top-k, optional in-step ECE temperature search,
+rescale and KL in one XLA program) instead of reading the store.
 """
 from __future__ import annotations
 
