@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, cli, extract, plots, sharding, store, temperature, workspace
+from first_jax import calibration, cli, extract, losses, plots, sharding, store, temperature
+from first_jax import workspace
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 MAX_K_REPORT = 20
-TAILS = ("bucket", "renormalize")
 
 
 def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
@@ -46,7 +46,7 @@ def run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, *, num_bins: int,
   args = [jnp.asarray(x) for x in (lp_NxK, ids_NxK, gold_N, tail_N)]
   choice = None if choice_NxC is None else jnp.asarray(choice_NxC)
   for mode in temperature.MODES:
-    for tail in TAILS:
+    for tail in losses.TAILS:
       res = jax.device_get(jax.jit(lambda a, b, c, d, e, mode=mode, tail=tail: temperature.search(
           a, b, c, mode=mode, num_bins=num_bins, refine=refine,
           tail_logmass_N=d if tail == "bucket" else None, choice_ids_NxC=e))(*args, choice))

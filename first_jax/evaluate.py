@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from first_jax import calibration, cli, data as data_lib, io_util, log as log_lib, plots
-from first_jax import models, sharding, step, temperature, trainer, workspace
+from first_jax import models, sharding, step, temperature, topk, trainer, workspace
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
@@ -86,9 +86,9 @@ def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
   return out
 
 
-def _tail(top_NxR: np.ndarray) -> np.ndarray:
-  mass_N = np.exp(top_NxR.astype(np.float64)).sum(-1)
-  return np.log1p(-np.minimum(mass_N, 1 - 1e-7)).astype(np.float32)
+def _tail(top_NxR: np.ndarray) -> jax.Array:
+  """Log-mass outside the top TOP_R tokens."""
+  return topk.log1mexp(jax.nn.logsumexp(jnp.asarray(top_NxR, jnp.float32), axis=-1))
 
 
 def events(scores: dict, arrays: dict, scoring: str, t: float = 1.0) -> dict[str, np.ndarray]:
@@ -159,7 +159,7 @@ def fit_post_hoc(scores: dict, arrays: dict, scoring: str) -> float:
   top_NxR = scores["top_logprobs"]
   return float(temperature.fit_nll_temperature(
       jnp.asarray(top_NxR), jnp.asarray(scores["top_ids"]), jnp.asarray(gold_N),
-      mode="log_space", tail_logmass_N=jnp.asarray(_tail(top_NxR))).t)
+      mode="log_space", tail_logmass_N=_tail(top_NxR)).t)
 
 
 def _done_fingerprint(folder: str) -> str | None:

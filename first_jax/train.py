@@ -22,12 +22,13 @@ import os
 import ml_collections
 import numpy as np
 
-from first_jax import cli, finetune, sharding, step, store, trainer, workspace
+from first_jax import cli, finetune, losses, sharding, step, store, temperature, trainer
+from first_jax import workspace
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
-_MODES = ("prob_softmax", "log_space")
-_TAILS = ("bucket", "renormalize")
+_MODES = temperature.MODES
+_TAILS = losses.TAILS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +92,7 @@ def teacher_temperature(cfg, spec: step.LossSpec) -> float:
     return 1.0
   t = cfg.distill.temperature
   if t not in ("calibrated", "search"):
-    try:
-      return float(t)
-    except ValueError:
-      raise UserError(f"config.distill.temperature: expected calibrated, search or a number, "
-                      f"got {t!r}") from None
+    return float(t)  # a positive number: checked at start-up (config.validate)
   path = workspace.folder(cfg, "store")
   calib = None
   if os.path.exists(os.path.join(path, store.MANIFEST)):
