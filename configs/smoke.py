@@ -1,5 +1,8 @@
 """Smoke run: tiny random-init teacher and student sharing the real GPT-2 tokenizer, synthetic
-multiple-choice data; every stage in well under a minute on 2 CPU cores. Used by the tests."""
+multiple-choice data; every stage in well under a minute on 2 CPU cores. Used by the tests.
+`:online`: the teacher inside the student's step, temperature searched there. `:text`: the same
+questions as prompt/response text (options in the prompt, the answer word as the response), so
+every response token is extracted, calibrated on, distilled and scored."""
 from first_jax import config as config_lib
 
 
@@ -20,6 +23,12 @@ def get_config(arg: str = ""):
   c.distill.epochs = 2
   c.checkpoint.every_steps = 20
   c.students = ("sft", "kd", "first")
+  if arg == "text":
+    c.workdir = "workdir/smoke_text"
+    c.data.kind = "text"
+    c.data.max_len = 40
+    c.data.answer_template = "The answer is {answer}."
+    c.distill.length_buckets = (24, 32, 40)
   if arg == "online":
     c.distill.mode = "online"
     c.distill.temperature = "search"

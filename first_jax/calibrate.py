@@ -36,6 +36,13 @@ def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
           top["teacher_tail"][rows, pos], gold)
 
 
+def token_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
+  """Text: one event per scored (response) position: the top-k there and the next token."""
+  at = arrays["loss_mask"] > 0
+  return (top["teacher_logprobs"][at], top["teacher_ids"][at], top["teacher_tail"][at],
+          arrays["targets"][at])
+
+
 def run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, *, num_bins: int,
                  refine: bool) -> dict[str, dict]:
   """The ECE search for every (scaling mode, tail handling) a student may train with.
@@ -90,14 +97,17 @@ def run(cfg) -> dict:
   teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   val = data.splits["validation"]
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
-  fn = extract.topk_fn(teacher.module, k_report, answer_only=True)
+  text = cfg.data.kind == "text"
+  fn = extract.topk_fn(teacher.module, k_report, answer_only=not text)
   top = extract.run_topk(fn, teacher.params, val, cfg.extract.batch_size,
                          sharding.batch_sharding(workspace.mesh(cfg)), desc="calibrate")
-  lp_NxR, ids_NxR, _, gold_N = answer_events(top, val)
+  lp_NxR, ids_NxR, _, gold_N = (token_events if text else answer_events)(top, val)
   mass_NxR = np.cumsum(np.exp(lp_NxR.astype(np.float64)), axis=-1)
   lp_NxK, ids_NxK = lp_NxR[:, :k], ids_NxR[:, :k]
   tail_N = np.log1p(-np.minimum(mass_NxR[:, k - 1], 1 - 1e-7)).astype(np.float32)
-  choice_NxC = val["choice_ids"] if cfg.evaluate.scoring == "choices" else None
+  # the events are scored as the evaluation scores models: text -> tokens (full vocabulary)
+  scoring = "tokens" if text else cfg.evaluate.scoring
+  choice_NxC = val["choice_ids"] if scoring == "choices" else None
   nb = cfg.calibrate.num_bins
   searches = run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, num_bins=nb,
                           refine=cfg.calibrate.refine)
@@ -107,10 +117,10 @@ def run(cfg) -> dict:
     plots.temperature_curve(os.path.join(out, f"calibration_{mode}.png"),
                             np.asarray(res["temperatures"]), np.asarray(res["ece"]),
                             res["best_t"], f"teacher ECE vs temperature ({mode}, {tail} tail, "
-                            f"{cfg.evaluate.scoring} scoring)")
+                            f"{scoring} scoring)")
   check = premise(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, searches, tail, nb)
   block = {
-      "scoring": cfg.evaluate.scoring, "mode": cfg.calibrate.mode,
+      "scoring": scoring, "mode": cfg.calibrate.mode,
       "temperature": searches[store.search_key(cfg.calibrate.mode, tail)]["best_t"],
       "num_events": int(len(gold_N)), "num_bins": nb, "premise": check, "searches": searches,
       "teacher_top1_accuracy": float(np.mean(ids_NxK[:, 0] == gold_N)),
@@ -118,12 +128,12 @@ def run(cfg) -> dict:
   }
   plots.histogram(os.path.join(out, "topk_mass.png"), mass_NxR[:, k - 1], 20,
                   f"teacher probability mass inside the top-{k}",
-                  "concentrated knowledge (validation answers)")
+                  f"concentrated knowledge (validation {'response tokens' if text else 'answers'})")
   store.update_manifest(out, calibration=block)
   verdict = "HOLDS" if check["holds"] else "DOES NOT HOLD"
   log.info("premise %s: teacher validation confidence %.4f vs accuracy %.4f (%s scoring, %d "
-           "questions); searched log_space t=%.4g (%s)", verdict, check["teacher_val_confidence"],
-           check["teacher_val_accuracy"], cfg.evaluate.scoring, len(gold_N),
+           "events); searched log_space t=%.4g (%s)", verdict, check["teacher_val_confidence"],
+           check["teacher_val_accuracy"], scoring, len(gold_N),
            check["t_log_space"], "softens" if check["t_log_space"] > 1 else "sharpens")
   if cfg.calibrate.require_premise and not check["holds"]:
     raise UserError(f"calibrate.require_premise: the teacher is not over-confident on validation "

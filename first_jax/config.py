@@ -247,6 +247,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "validation and test fractions > 0 summing to < 1", (cfg.data.validation, cfg.data.test))
   _require(cfg.data.loss_on in ("response", "all"), "data.loss_on", "response or all",
            cfg.data.loss_on)
+  _require(cfg.data.kind in ("choice", "text"), "data.kind", "choice or text", cfg.data.kind)
+  _require(cfg.data.on_bad_example in ("error", "skip"), "data.on_bad_example", "error or skip",
+           cfg.data.on_bad_example)
+  _require("{answer}" in cfg.data.answer_template, "data.answer_template",
+           "a template with an {answer} field", cfg.data.answer_template)
+  g = tuple(cfg.evaluate.post_hoc_grid)
+  _require(len(g) == 3 and all(isinstance(x, (int, float)) for x in g) and 0 < g[0] < g[1]
+           and int(g[2]) == g[2] >= 2, "evaluate.post_hoc_grid",
+           "(lowest t > 0, highest t, number of points >= 2)", cfg.evaluate.post_hoc_grid)
+  if cfg.data.kind == "text":
+    _require(cfg.data.loss_on == "response", "data.loss_on",
+             "response for data.kind=text (prompt tokens are never distilled)", cfg.data.loss_on)
+    _require(cfg.data.source in ("synthetic", "bigbench", "hf"), "data.source",
+             "synthetic, bigbench or hf", cfg.data.source)
+    bad = [s for s in cfg.students if s.partition("@")[0] == "sft_ls-choices"]
+    _require(not bad, "students", "no sft_ls-choices for data.kind=text (no answer letters)",
+             bad)
+  else:
+    _require(not cfg.evaluate.choice_tasks, "evaluate.choice_tasks",
+             "() for data.kind=choice (its own task is the choice task)",
+             cfg.evaluate.choice_tasks)
   _require(cfg.data.source in ("synthetic", "bigbench", "hf"), "data.source",
            "synthetic, bigbench or hf", cfg.data.source)
   looks_local = cfg.data.task.endswith((".json", ".jsonl", ".parquet", ".csv"))
@@ -283,11 +304,23 @@ def base() -> ml_collections.ConfigDict:
   c.tokenizer = "gpt2"  # asset name (gpt2, smollm2), HF tokenizer dir, tokenizer.json or .gguf
 
   c.data = ml_collections.ConfigDict(dict(
+      # choice: multiple choice, one answer-letter token scored; text: prompt/response pairs,
+      # every response token scored (instruction data, generative BIG-bench tasks, or a choice
+      # task phrased as text through `answer_template`)
+      kind="choice",
       source="synthetic",  # synthetic | bigbench | hf (HF `datasets`: local file or hub name)
       task="",  # BIG-bench task name (e.g. multiemo/hotels_sentence_en), a file, a hub name
       hf_split="train",  # for source=hf: the split read (our own splits are made from it)
       hf_fields=ml_collections.ConfigDict(dict(input="question", choices="choices",
                                                label="answer")),  # column names, for hf
+      # kind=text, source=hf: columns of the prompt, its optional context (joined after a blank
+      # line) and the response; the defaults read Alpaca-style JSONL as it is
+      text_fields=ml_collections.ConfigDict(dict(prompt="instruction", context="input",
+                                                 response="output")),
+      # kind=text: a choice example (BIG-bench target_scores, synthetic) becomes the response
+      # answer_template.format(answer=<gold choice text>), e.g. "Sentiment: {answer}"
+      answer_template="{answer}",
+      on_bad_example="error",  # kind=text: a record without prompt or response: error | skip
       ood_tasks=(),  # evaluated out-of-domain (same source kind)
       num_examples=0,  # 0: all; else a seeded subsample of the in-domain task
       num_ood_examples=0,  # per out-of-domain task, 0: all
@@ -344,6 +377,11 @@ def base() -> ml_collections.ConfigDict:
       scoring="choices",
       post_hoc=("sft", "first"),  # students also reported with post-hoc temperature scaling
       models=(),  # extra HF model dirs / .gguf files to evaluate beside the workdir's models
+      # data.kind=text: BIG-bench multiple-choice tasks also evaluated, each choice scored by
+      # the log-likelihood of its text (data.answer_template) after the prompt
+      choice_tasks=(),
+      # data.kind=text: post-hoc temperatures are chosen on this log-spaced grid (exact token NLL)
+      post_hoc_grid=(0.25, 4.0, 33),
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2))
   c.log_every_steps = 10

@@ -76,6 +76,24 @@ def format_text(ex: TextExample, template: str = DEFAULT_TEXT_TEMPLATE, tok: Any
   return _chat(prompt, tok, use_chat_template), ex.response
 
 
+def mc_as_text(ex: MCExample, answer_template: str = "{answer}") -> TextExample:
+  """A choice example phrased as text: its input, answered by the gold choice's text through
+  `answer_template` (e.g. "Sentiment: {answer}"), so text and choice runs of a task compare."""
+  return TextExample(ex.input, answer_template.format(answer=ex.choices[ex.label]))
+
+
+def choice_rows(examples: Sequence[MCExample],
+                answer_template: str = "{answer}") -> tuple[list[TextExample], np.ndarray]:
+  """One text row per (example, choice) for log-likelihood scoring -> (rows, group_R) where
+  group_R[r] is the example of row r (rows of an example are consecutive, in choice order)."""
+  rows, group = [], []
+  for i, ex in enumerate(examples):
+    for c in ex.choices:
+      rows.append(TextExample(ex.input, answer_template.format(answer=c)))
+      group.append(i)
+  return rows, np.asarray(group, np.int64)
+
+
 def choice_token_ids(tok: Any, num_choices: int, letters: str = LETTERS,
                      answer_prefix: str = " ") -> np.ndarray:
   """Token ids of the answers answer_prefix + letter, int32[C]; each must be exactly one token."""
@@ -216,8 +234,10 @@ def encode_text(examples: Sequence[TextExample], tok: Any, max_len: int,
   p_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
   r_ids = tok([r for _, r in pairs], add_special_tokens=False)["input_ids"]
   seqs, truncated = [], 0
-  for p, r in zip(p_ids, r_ids):
+  for i, (p, r) in enumerate(zip(p_ids, r_ids)):
     p, r = list(p), list(r) + eos
+    if not r:
+      raise UserError(f"data: example {i}: field response: expected text, got an empty response")
     if len(p) + len(r) > max_len:
       keep = max(max_len - len(r), min(len(p), max_len // 2))
       p = p[len(p) - keep:]

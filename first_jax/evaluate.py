@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from first_jax import calibration, cli, data as data_lib, io_util, log as log_lib, plots
-from first_jax import models, sharding, step, temperature, topk, trainer, workspace
+from first_jax import models, sharding, step, temperature, textscore, topk, trainer, workspace
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
@@ -227,42 +227,112 @@ def _compact(ev: dict[str, np.ndarray]) -> dict[str, list]:
           "correct": ev["correct"].astype(int).tolist()}
 
 
+class _Choice:
+  """Multiple-choice data: each row scored at its answer position (`answer_scores`)."""
+
+  def __init__(self, cfg, tok, data):
+    self.cfg, self.nb, self.scoring = cfg, tuple(cfg.evaluate.num_bins), cfg.evaluate.scoring
+    self.sets = {"in_domain": data.splits["test"],
+                 **{f"ood:{k}": v for k, v in data.ood.items()},
+                 "validation": data.splits["validation"]}
+    self.key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
+                                      cfg.data.num_ood_examples, TOP_R)
+
+  def compute(self, model, bs) -> dict[str, dict]:
+    fn = scorer(model)
+    return {s: score(fn, model, arrays, self.cfg.evaluate.batch_size, bs,
+                     tuple(self.cfg.distill.length_buckets)) for s, arrays in self.sets.items()}
+
+  def identity(self) -> float:
+    return 1.0
+
+  def val_nll(self, scored: dict) -> float:
+    return metrics(events(scored["validation"], self.sets["validation"], self.scoring),
+                   self.nb)["nll"]
+
+  def fit(self, scored: dict) -> float:
+    return fit_post_hoc(scored["validation"], self.sets["validation"], self.scoring)
+
+  def result(self, scored: dict, s: str, t: float) -> tuple[dict, dict]:
+    out, ev = both_scorings(scored[s], self.sets[s], self.scoring, self.nb, t)
+    if t != 1.0:
+      out["temperature"] = t
+    return out, _compact(ev)
+
+
+class _Text:
+  """Text data: every response token scored (`first_jax.textscore`), at each temperature of
+  `evaluate.post_hoc_grid`; `evaluate.choice_tasks` scored by their choices' log-likelihood."""
+
+  def __init__(self, cfg, tok, data):
+    self.cfg, self.nb, self.scoring = cfg, tuple(cfg.evaluate.num_bins), "tokens"
+    self.t_T = textscore.grid(*cfg.evaluate.post_hoc_grid)
+    self.choice = {f"choice:{k}": v for k, v in workspace.load_choice_tasks(cfg, tok).items()}
+    self.sets = {"in_domain": data.splits["test"],
+                 **{f"ood:{k}": v for k, v in data.ood.items()},
+                 **{s: v["rows"] for s, v in self.choice.items()},
+                 "validation": data.splits["validation"]}
+    self.key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
+                                      cfg.data.num_ood_examples, cfg.evaluate.choice_tasks,
+                                      cfg.data.answer_template, self.t_T.tolist())
+
+  def compute(self, model, bs) -> dict[str, dict]:
+    fn = textscore.scorer(model, self.t_T)
+    return {s: textscore.score(fn, model, arrays, self.cfg.evaluate.batch_size, bs,
+                               tuple(self.cfg.distill.length_buckets))
+            for s, arrays in self.sets.items()}
+
+  def identity(self) -> int:
+    return int(np.flatnonzero(self.t_T == 1.0)[0])
+
+  def val_nll(self, scored: dict) -> float:
+    return float(np.mean(textscore.token_events(scored["validation"], self.t_T,
+                                                self.identity())["nll"]))
+
+  def fit(self, scored: dict) -> int:
+    return textscore.fit_post_hoc(scored["validation"], self.t_T)
+
+  def result(self, scored: dict, s: str, j: int) -> tuple[dict, dict]:
+    if s in self.choice:
+      c = self.choice[s]
+      ev = textscore.choice_events(scored[s], c["rows"]["group"], c["label"], self.t_T, j)
+      out, compact = metrics(ev, self.nb), _compact(ev)
+      out["scoring"] = "choice log-likelihood"
+    else:
+      ev = textscore.token_events(scored[s], self.t_T, j)
+      out = textscore.token_metrics(ev, self.nb)
+      compact = {**_compact(ev), "row": ev["row"].tolist()}
+      out["scoring"] = "tokens"
+    if j != self.identity():
+      out["temperature"] = float(self.t_T[j])
+    return out, compact
+
+
 def run(cfg) -> dict:
   out = workspace.folder(cfg, "eval")
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
-  sets = {"in_domain": data.splits["test"], **{f"ood:{k}": v for k, v in data.ood.items()},
-          "validation": data.splits["validation"]}
+  kind = (_Text if data.kind == "text" else _Choice)(cfg, tok, data)
   bs = sharding.batch_sharding(workspace.mesh(cfg))
-  nb, scoring = tuple(cfg.evaluate.num_bins), cfg.evaluate.scoring
-  data_key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
-                                   cfg.data.num_ood_examples, TOP_R)
   results: dict[str, dict] = {}
   per_example: dict[str, dict] = {}
   val_nll: dict[str, float] = {}
   for name, (load, model_fp) in _models(cfg, tok).items():
-    def compute(load=load):
-      model = load()
-      fn = scorer(model)
-      return {s: score(fn, model, arrays, cfg.evaluate.batch_size, bs,
-                       tuple(cfg.distill.length_buckets)) for s, arrays in sets.items()}
-    key = None if model_fp is None else f"{model_fp}/{data_key}"
-    scored = cached_scores(os.path.join(out, "scores"), name, key, compute)
-    val_nll[name] = metrics(events(scored["validation"], sets["validation"], scoring), nb)["nll"]
-    rows = {name: 1.0}
+    key = None if model_fp is None else f"{model_fp}/{kind.key}"
+    scored = cached_scores(os.path.join(out, "scores"), name, key,
+                           lambda load=load: kind.compute(load(), bs))
+    val_nll[name] = kind.val_nll(scored)
+    rows = {name: kind.identity()}
     if name in cfg.evaluate.post_hoc:  # + post-hoc temperature scaling, fitted on validation
-      rows[f"{name}+ts"] = fit_post_hoc(scored["validation"], sets["validation"], scoring)
+      rows[f"{name}+ts"] = kind.fit(scored)
     for row, t in rows.items():
       results[row], per_example[row] = {}, {}
-      for s in sets:
-        if s == "validation":
-          continue
-        results[row][s], ev = both_scorings(scored[s], sets[s], scoring, nb, t)
-        if t != 1.0:
-          results[row][s]["temperature"] = t
-        per_example[row][s] = _compact(ev)
+      for s in kind.sets:
+        if s != "validation":
+          results[row][s], per_example[row][s] = kind.result(scored, s, t)
       log.info("evaluate %s: ID accuracy %.4f ECE %.4f (%s scoring)", row,
-               results[row]["in_domain"]["accuracy"], results[row]["in_domain"]["ece"], scoring)
+               results[row]["in_domain"]["accuracy"], results[row]["in_domain"]["ece"],
+               kind.scoring)
   sft_runs = [r for r in val_nll if r == "sft" or r.startswith("sft@")]
   if len(sft_runs) > 1:  # the SFT student whose epoch count validation NLL prefers
     best = min(sft_runs, key=val_nll.get)
@@ -270,18 +340,20 @@ def run(cfg) -> dict:
     per_example["sft@val"] = per_example[best]
     log.info("evaluate sft@val: %s (validation NLL %s)", best,
              {r: round(val_nll[r], 4) for r in sft_runs})
-  ood = [s for s in sets if s.startswith("ood:")]
+  ood = [s for s in kind.sets if s.startswith("ood:")]
   md = table(results, "in_domain", ood)
+  for s in (s for s in kind.sets if s.startswith("choice:")):
+    md += f"\n{s} (log-likelihood of each choice's text)\n\n" + table(results, s, [])
   io_util.atomic_write_json(os.path.join(out, "results.json"),
                             {"results": results, "in_domain": cfg.data.task or cfg.data.source,
-                             "ood": ood, "scoring": scoring})
+                             "ood": ood, "scoring": kind.scoring, "kind": data.kind})
   io_util.atomic_write_json(os.path.join(out, "events.json"),
-                            {"scoring": scoring, "events": per_example})
+                            {"scoring": kind.scoring, "events": per_example})
   io_util.atomic_write_bytes(os.path.join(out, "results.md"), md.encode())
   panels = [dict(title=name, ece=r["in_domain"]["ece"], **r["in_domain"]["reliability"])
             for name, r in results.items()]
   plots.reliability_diagram(os.path.join(out, "reliability_in_domain.png"), panels)
-  print(f"scoring: {scoring}")
+  print(f"scoring: {kind.scoring}")
   print(md)
   print(f"results: {os.path.join(out, 'results.json')}; plots: {out}")
   return results

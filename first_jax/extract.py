@@ -34,8 +34,8 @@ def run_topk(fn, params, arrays: dict, batch_size: int, batch_sharding,
                                    drop_remainder=False, num_epochs=1)
   outs = []
   for batch in log_lib.progress(batches, desc=desc, total=-(-n // batch_size)):
-    dev = jax.device_put({k: batch[k] for k in ("input_ids", "attention_mask", "answer_pos")},
-                         batch_sharding)
+    keys = [k for k in ("input_ids", "attention_mask", "answer_pos") if k in batch]
+    dev = jax.device_put({k: batch[k] for k in keys}, batch_sharding)
     outs.append(jax.device_get(fn(params, dev)))
   return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
@@ -47,15 +47,18 @@ def run(cfg) -> str:
   data = workspace.load_data(cfg, tok)
   train = data.splits["train"]
   teacher = workspace.load_export(cfg, teacher_dir, "teacher")
+  scored_NxL = train["loss_mask"] > 0
   spec = store.StoreSpec(
       k=cfg.extract.k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
+      positions=max(1, int(scored_NxL.sum(-1).max())),  # only positions with a loss are kept
       logprob_dtype=cfg.extract.logprob_dtype,
       teacher={"export": os.path.join(teacher_dir, "export"),
                "fingerprint": finetune.stage_fingerprint(cfg)},
       tokenizer_hash=tokenizer_lib.tokenizer_hash(tok), data_fingerprint=data.fingerprint)
   writer = store.StoreWriter(out, spec)
-  # Response-only MCQA: only the answer position is ever trained on, so only it is extracted.
-  fn = topk_fn(teacher.module, cfg.extract.k, answer_only=cfg.data.loss_on == "response")
+  # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
+  # text: the top-k at every position, of which the store keeps the response tokens'.
+  fn = topk_fn(teacher.module, cfg.extract.k, answer_only=workspace.answer_only(cfg))
   mesh = workspace.mesh(cfg)
   n, size = len(train["input_ids"]), cfg.extract.shard_size
   num_shards = -(-n // size)

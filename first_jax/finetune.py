@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def stage_fingerprint(cfg) -> str:
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.teacher, cfg.finetune)
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.teacher, cfg.finetune)
 
 
 def is_done(cfg) -> bool:
@@ -33,7 +33,7 @@ def run(cfg) -> str:
   workspace.start_run(out, fp)
   mesh = workspace.mesh(cfg)
   spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing,
-                       answer_only=cfg.data.loss_on == "response")
+                       answer_only=workspace.answer_only(cfg))
   params = trainer.train_model(
       name="finetune", folder=out, module=model.module, params=model.params,
       arrays=data.splits["train"], spec=spec, optim=cfg.finetune, seed=cfg.seed, mesh=mesh,

@@ -1,9 +1,13 @@
 """Example sources: task files, datasets and toy tasks -> `MCExample` / `TextExample` lists.
 
-Owns the example types and their loaders: `load_bigbench` (BIG-bench task.json), `load_hf`
-(a `datasets` dataset or a local json/jsonl/parquet/csv file), `load_jsonl_instructions`
-(Alpaca-style records) and `synthetic_mcqa` (a learnable toy task). Formatting, tokenization,
-splits and batching live in `first_jax.data`.
+Owns the example types and their loaders. Choice examples (`MCExample`): `load_bigbench`
+(BIG-bench task.json), `load_hf` (a `datasets` dataset or a local json/jsonl/parquet/csv file)
+and `synthetic_mcqa` (a learnable toy task). Prompt/response examples (`TextExample`):
+`load_bigbench_text` (generative targets, or a multiple-choice gold answer phrased through a
+template) and `load_hf_text` (prompt [+ context] / response columns; Alpaca JSON(L) works as a
+local file). The text loaders' bad records (missing, empty or non-string prompt or response)
+either raise a one-line `UserError` (on_bad="error") or are skipped, counted and logged once
+(on_bad="skip"). Formatting, tokenization, splits and batching live in `first_jax.data`.
 """
 from __future__ import annotations
 
@@ -40,14 +44,46 @@ class TextExample:
 Example = MCExample | TextExample
 
 
-def load_bigbench(task_json_path: str | os.PathLike, shuffle_choices_seed: int | None = 0,
-                  use_task_prefix: bool = True) -> list[MCExample]:
-  """BIG-bench task.json -> MCExamples; skips (and logs) examples without one best choice.
+ON_BAD = ("error", "skip")
 
-  The correct choice is the unique one with the highest score > 0. Many tasks list the correct
-  choice first, so choices are shuffled per example with rng([shuffle_choices_seed, index])
-  (None keeps the file's order). A `task_prefix` is put on its own line before each input.
-  """
+
+class _BadRecords:
+  """The on_bad_example policy of the text loaders: raise at once, or skip, count and log once."""
+
+  def __init__(self, where: str, on_bad: str):
+    if on_bad not in ON_BAD:
+      raise UserError(f"data.on_bad_example: expected one of {list(ON_BAD)}, got {on_bad!r}")
+    self.where, self.on_bad, self.count, self.first = where, on_bad, 0, ""
+
+  def __call__(self, reason: str) -> None:
+    """`reason` names the record and field ("record 3: field 'target': expected ...")."""
+    if self.on_bad == "error":
+      raise UserError(f"{self.where}: {reason} (or set data.on_bad_example=skip)")
+    self.count += 1
+    self.first = self.first or reason
+
+  def log(self, total: int) -> None:
+    if self.count:
+      log.warning("%s: %d of %d records skipped: %s%s", self.where, self.count, total, self.first,
+                  f" (the first of {self.count})" if self.count > 1 else "")
+
+
+def _text(value: Any) -> str | None:
+  """A record's prompt / response: a non-blank string (non-None scalars via str()), else None."""
+  if isinstance(value, (str, int, float, bool, np.generic)):
+    value = str(value)
+    return value if value.strip() else None
+  return None
+
+
+def _expected(kind: str, field: str, value: Any) -> str:
+  shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+  return f"{kind} {field!r}: expected a non-empty string, got {shown}"
+
+
+def _read_bigbench(task_json_path: str | os.PathLike,
+                   use_task_prefix: bool) -> tuple[str, list[Any], str, str]:
+  """-> (path, examples, task name, task prefix ("" when unused or absent))."""
   path = os.fspath(task_json_path)
   try:
     with open(path, encoding="utf-8") as f:
@@ -59,18 +95,40 @@ def load_bigbench(task_json_path: str | os.PathLike, shuffle_choices_seed: int |
                     "subtask's task.json)")
   name = str(task.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))))
   prefix = str(task.get("task_prefix") or "").strip() if use_task_prefix else ""
+  return path, task["examples"], name, prefix
+
+
+def _gold_choice(ex: Any) -> tuple[list[str], int] | None:
+  """A multiple-choice example -> (choices, gold index): the unique best score > 0 of >= 2."""
+  scores = ex.get("target_scores") if isinstance(ex, dict) else None
+  if not isinstance(scores, dict) or len(scores) < 2 or "input" not in ex:
+    return None
+  try:
+    values = [float(v) for v in scores.values()]
+  except (TypeError, ValueError):
+    return None
+  best = max(values)
+  if best <= 0 or values.count(best) != 1:
+    return None
+  return [str(c) for c in scores], values.index(best)
+
+
+def load_bigbench(task_json_path: str | os.PathLike, shuffle_choices_seed: int | None = 0,
+                  use_task_prefix: bool = True) -> list[MCExample]:
+  """BIG-bench task.json -> MCExamples; skips (and logs) examples without one best choice.
+
+  The correct choice is the unique one with the highest score > 0. Many tasks list the correct
+  choice first, so choices are shuffled per example with rng([shuffle_choices_seed, index])
+  (None keeps the file's order). A `task_prefix` is put on its own line before each input.
+  """
+  path, examples, name, prefix = _read_bigbench(task_json_path, use_task_prefix)
   out, skipped = [], 0
-  for i, ex in enumerate(task["examples"]):
-    scores = ex.get("target_scores") if isinstance(ex, dict) else None
-    if not isinstance(scores, dict) or len(scores) < 2 or "input" not in ex:
+  for i, ex in enumerate(examples):
+    gold = _gold_choice(ex)
+    if gold is None:
       skipped += 1
       continue
-    choices, values = [str(c) for c in scores], [float(v) for v in scores.values()]
-    best = max(values)
-    if best <= 0 or values.count(best) != 1:
-      skipped += 1
-      continue
-    label = values.index(best)
+    choices, label = gold
     if shuffle_choices_seed is not None:
       perm = np.random.default_rng([shuffle_choices_seed, i]).permutation(len(choices))
       choices, label = [choices[j] for j in perm], int(np.flatnonzero(perm == label)[0])
@@ -78,11 +136,98 @@ def load_bigbench(task_json_path: str | os.PathLike, shuffle_choices_seed: int |
     out.append(MCExample(text, choices, label, name))
   if skipped:
     log.warning("%s: skipped %d of %d examples without exactly one correct choice",
-                path, skipped, len(task["examples"]))
+                path, skipped, len(examples))
+  return out
+
+
+def load_bigbench_text(task_json_path: str | os.PathLike, answer_template: str = "{answer}",
+                       use_task_prefix: bool = True, on_bad: str = "error") -> list[TextExample]:
+  """BIG-bench task.json -> TextExample(input, answer_template.format(answer=gold)).
+
+  The gold answer: with "target_scores", the choice `load_bigbench` would mark correct (the unique
+  best score > 0 of >= 2 choices; an example with "target_scores" but no such choice is bad even
+  if it has a "target"), so a template such as "Sentiment: {answer}" phrases a classification task
+  as text over the same examples and answers as its choice run; else "target" (a string, or a
+  list whose first entry is used). The template applies to both kinds. A `task_prefix` is put on
+  its own line before each input, as in `load_bigbench`. Bad examples (neither kind; a blank
+  input or answer) follow `on_bad`; unlike here, `load_bigbench` keeps blank inputs.
+  """
+  path, examples, _, prefix = _read_bigbench(task_json_path, use_task_prefix)
+  bad = _BadRecords(path, on_bad)  # Checks on_bad before anything else can fail.
+  try:
+    probe = answer_template.format(answer="\0")
+  except (KeyError, IndexError, ValueError, AttributeError) as e:
+    raise UserError(f"data.answer_template {answer_template!r}: expected only an {{answer}} field "
+                    f"({type(e).__name__}: {e})") from None
+  if "\0" not in probe:
+    raise UserError(f"data.answer_template {answer_template!r}: expected an {{answer}} field")
+  out = []
+  for i, ex in enumerate(examples):
+    if not isinstance(ex, dict):
+      bad(f"record {i}: expected an object with 'input' and 'target' or 'target_scores', got "
+          f"{type(ex).__name__}")
+      continue
+    prompt = _text(ex.get("input"))
+    if prompt is None:
+      bad(_expected(f"record {i}: field", "input", ex.get("input")))
+      continue
+    if "target_scores" in ex:
+      gold = _gold_choice(ex)
+      if gold is None:
+        bad(f"record {i}: field 'target_scores': expected >= 2 choices with exactly one best "
+            "score > 0")
+        continue
+      answer, field = _text(gold[0][gold[1]]), "target_scores"
+    elif "target" in ex:
+      target = ex["target"]
+      answer = _text(target[0] if isinstance(target, list) and target else target)
+      field = "target"
+    else:
+      bad(f"record {i}: expected a 'target' or 'target_scores' field (has {sorted(ex)})")
+      continue
+    if answer is None:
+      bad(_expected(f"record {i}: field", field, ex[field]))
+      continue
+    out.append(TextExample(f"{prefix}\n{prompt}" if prefix else prompt,
+                           answer_template.format(answer=answer)))
+  bad.log(len(examples))
   return out
 
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _load_dataset(path_or_name: str, split: str,
+                  data_files: str | list[str] | Mapping[str, Any] | None, name: str | None,
+                  cache_dir: str | None) -> tuple[Any, str, str]:
+  """-> (the `datasets.Dataset` split, its source: the data file's basename, else the name,
+  and where its records are for messages: the (first) data file's path, else the name).
+
+  `path_or_name`: "json" / "parquet" / "csv" with local `data_files`, a local data file, or a hub
+  name. Local files are put under `split`, so any split name works for them.
+  """
+  import datasets  # Heavy; only needed for these sources.
+
+  builder = path_or_name
+  if data_files is None and os.path.isfile(path_or_name):
+    builder, data_files = _BUILDERS.get(os.path.splitext(path_or_name)[1], ""), path_or_name
+    if not builder:
+      raise UserError(f"{path_or_name}: expected a .json, .jsonl, .parquet or .csv file")
+  if isinstance(data_files, (str, os.PathLike, list, tuple)):
+    data_files = {split: data_files}  # So any split name works for plain local files.
+  first = (data_files.get(split) or next(iter(data_files.values()), None)) if data_files else None
+  first = first[0] if isinstance(first, (list, tuple)) and first else first
+  local = builder in _BUILDERS.values() and bool(first)
+  where = os.fspath(first) if local else path_or_name
+  source = os.path.basename(where) if local else path_or_name
+  try:
+    ds = datasets.load_dataset(builder, name=name, split=split, data_files=data_files,
+                               cache_dir=cache_dir)
+  except Exception as e:  # Anything here is a bad name, file or split given by the user.
+    msg = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(f"{path_or_name}: could not load split {split!r} ({type(e).__name__}: "
+                    f"{msg})") from None
+  return ds, source, where
 
 
 def _parse_label(value: Any, choices: Sequence[str], letters: str) -> int:
@@ -113,34 +258,16 @@ def load_hf(path_or_name: str, split: str, fields: Mapping[str, Any],
   choice). Label rule: an int (or digit string) is an index; a single letter of `letters` is a
   letter; any other string must equal one choice's text.
   """
-  import datasets  # Heavy; only needed for this source.
-
   missing = {"input", "choices", "label"} - set(fields)
   if missing:
-    raise UserError(f"data.fields: missing {sorted(missing)} (need input, choices, label)")
-  builder = path_or_name
-  if data_files is None and os.path.isfile(path_or_name):
-    builder, data_files = _BUILDERS.get(os.path.splitext(path_or_name)[1], ""), path_or_name
-    if not builder:
-      raise UserError(f"{path_or_name}: expected a .json, .jsonl, .parquet or .csv file")
-  if isinstance(data_files, (str, os.PathLike, list, tuple)):
-    data_files = {split: data_files}  # So any split name works for plain local files.
-  first = (data_files.get(split) or next(iter(data_files.values()), None)) if data_files else None
-  first = first[0] if isinstance(first, (list, tuple)) and first else first
-  source = os.path.basename(os.fspath(first)) if builder in _BUILDERS.values() and first else (
-      path_or_name)
-  try:
-    ds = datasets.load_dataset(builder, name=name, split=split, data_files=data_files,
-                               cache_dir=cache_dir)
-  except Exception as e:  # Anything here is a bad name, file or split given by the user.
-    msg = str(e).splitlines()[0] if str(e) else ""
-    raise UserError(f"{path_or_name}: could not load split {split!r} ({type(e).__name__}: "
-                    f"{msg})") from None
+    raise UserError(f"data.hf_fields: missing {sorted(missing)} (need input, choices, label)")
+  ds, source, _ = _load_dataset(path_or_name, split, data_files, name, cache_dir)
   ccol = fields["choices"]
   cols = [fields["input"], fields["label"]] + (list(ccol) if isinstance(ccol, list) else [ccol])
   for c in cols:
     if c not in ds.column_names:
-      raise UserError(f"data.fields: column {c!r} not in {path_or_name} (has {ds.column_names})")
+      raise UserError(f"data.hf_fields: column {c!r} not in {path_or_name} "
+                      f"(has {ds.column_names})")
   out = []
   for i, row in enumerate(ds):
     choices = [row[c] for c in ccol] if isinstance(ccol, list) else row[ccol]
@@ -157,25 +284,44 @@ def load_hf(path_or_name: str, split: str, fields: Mapping[str, Any],
   return out
 
 
-def load_jsonl_instructions(path: str | os.PathLike, prompt_field: str = "instruction",
-                            input_field: str = "input",
-                            response_field: str = "output") -> list[TextExample]:
-  """Alpaca-style JSONL (or a JSON list) -> TextExample(instruction [+ "\n\n" + input], output)."""
-  path = os.fspath(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: expected JSON lines or a JSON list of records ({e})") from None
+def load_hf_text(path_or_name: str, split: str, fields: Mapping[str, Any],
+                 data_files: str | list[str] | Mapping[str, Any] | None = None, *,
+                 name: str | None = None, cache_dir: str | None = None,
+                 on_bad: str = "error") -> list[TextExample]:
+  """A `datasets` dataset -> TextExamples via `fields` = {prompt: col, context: col, response: col}.
+
+  Datasets as in `load_hf` (so Alpaca JSON lines or its JSON list work as a local file, with
+  fields instruction / input / output). The prompt is the prompt column, plus "\\n\\n" + the
+  context column's value when that column exists and the row's value is not blank (a missing
+  context column, or a None / absent "context" field, is fine). A missing prompt or response
+  column is a UserError; rows with a blank or non-string prompt or response follow `on_bad`.
+  """
+  missing = {"prompt", "response"} - {k for k, v in fields.items() if v}
+  if missing:
+    raise UserError(f"data.text_fields: missing {sorted(missing)} (need prompt, response and "
+                    "optionally context)")
+  bad = _BadRecords(path_or_name, on_bad)
+  ds, _, bad.where = _load_dataset(path_or_name, split, data_files, name, cache_dir)
+  pcol, rcol, ccol = fields["prompt"], fields["response"], fields.get("context")
+  for c in (pcol, rcol):
+    if c not in ds.column_names:
+      raise UserError(f"data.text_fields: column {c!r} not in {path_or_name} "
+                      f"(has {ds.column_names})")
+  ccol = ccol if ccol in ds.column_names else None
   out = []
-  for i, row in enumerate(rows):
-    if not isinstance(row, dict) or prompt_field not in row or response_field not in row:
-      raise UserError(f"{path}: record {i}: expected fields {prompt_field!r}, {response_field!r}")
-    extra = str(row.get(input_field) or "").strip()
-    prompt = str(row[prompt_field]) + (f"\n\n{extra}" if extra else "")
-    out.append(TextExample(prompt, str(row[response_field])))
+  for i, row in enumerate(ds):
+    prompt, response = _text(row[pcol]), _text(row[rcol])
+    if prompt is None or response is None:
+      col = pcol if prompt is None else rcol
+      bad(_expected(f"row {i}: column", col, row[col]))
+      continue
+    context = row[ccol] if ccol else None
+    if context is not None and not isinstance(context, (str, int, float, bool, np.generic)):
+      bad(f"row {i}: column {ccol!r}: expected a string or nothing, got {type(context).__name__}")
+      continue
+    context = _text(context) if context is not None else None
+    out.append(TextExample(prompt + (f"\n\n{context.strip()}" if context else ""), response))
+  bad.log(len(ds))
   return out
 
 

@@ -1,23 +1,32 @@
-"""The top-k store: the teacher's top-k ids and log-probs per position, as fixed-size records.
+"""The top-k store: the teacher's top-k ids and log-probs at the scored positions, as records.
 
 A store folder holds
   manifest.json                      spec, record layout, shard list, later a `calibration` block
   manifest-h{host:03d}.json          multi-host only: each host's own part (merged by finalize())
   shard-h{host:03d}-{index:05d}.bin  N records, no header (shapes come from the manifest)
 
-One record per example row (little-endian, fields back to back):
+Only the positions that carry a loss (the row's mask) are stored: at most P = `positions` per
+row (0: P = L). One record per example row (little-endian, fields back to back):
   example_idx   int64             maps the record back to its data row
-  token_ids     [L] uint16 if vocab_size <= 65536 else uint32
-  top_ids       [L*K] packed in id_bits = ceil(log2(vocab_size)) bits each, least significant first
-  logprobs      [L, K] float16 | bfloat16 (`logprob_dtype`)
-  tail_logmass  [L] same dtype: log of the probability outside the top-k
-  mask          [L] one bit each (np.packbits, little bit order)
-Records have a fixed size, so row r of a shard sits at byte r * record_bytes (np.memmap).
+  token_hash    uint64            token_hash() of the row's token ids (the trainer compares it
+                                  with its batch's; the ids themselves are not stored)
+  mask          [L] one bit each (np.packbits, little bit order): the scored positions
+  top_ids       [P*K] packed in id_bits = ceil(log2(vocab_size)) bits each, least significant first
+  logprobs      [P, K] float16 | bfloat16 (`logprob_dtype`)
+  tail_logmass  [P] same dtype: log of the probability outside the top-k
+Slot j of top_ids / logprobs / tail_logmass holds the row's j-th scored position (the mask's set
+bits in increasing order); slots past the row's count are zero bytes. Records have a fixed size,
+so row r of a shard sits at byte r * record_bytes (np.memmap). read() puts the values back at
+their positions, dense over L; elsewhere id 0, log-prob TAIL_FLOOR, tail 0.0.
 
-Size: k=5, vocab 49152 (16-bit ids), float16, L=64 -> 1552 B/record = 24.25 B/position, against
-~150 B/position for the reference code's JSONL ({"token_id": value} dict per position): ~6x less.
+Size (k=5, vocab 49,152 = 16-bit ids, float16; bytes_per_example / bytes_per_scored_token):
+  L=96,  P=1   (multiple choice, one answer position):   50 B/example,   50.0 B/scored token
+  L=512, P=256 (instruction responses):                5712 B/example,   22.3 B/scored token
+Format version 1 stored every position plus the token ids, ~24.2 B x L: 2324 B (L=96, 46x
+more) and 12360 B (L=512, 2.2x more) per example. The reference code's JSONL ({"token_id":
+value} dict per position) takes ~150 B/position: ~6.7x more per scored token than P=256 here.
 
-Letters: N examples, L positions, K kept tokens.
+Letters: N examples, L positions, P stored (scored) positions, K kept tokens.
 """
 from __future__ import annotations
 
@@ -34,17 +43,18 @@ import numpy as np
 
 from first_jax.errors import UserError
 from first_jax.io_util import atomic_path, atomic_write_json, sha256_file
+from first_jax.topk import TAIL_FLOOR
 
 FORMAT = "first_jax.topk_store"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Fields a re-run must agree on; anything else (calibration, complete) may change.
-_SPEC_FIELDS = ("format_version", "k", "vocab_size", "seq_len", "logprob_dtype", "teacher",
-                "tokenizer_hash", "data_fingerprint", "num_hosts")
-_STRUCTURAL = frozenset(_SPEC_FIELDS + ("format", "id_bits", "token_dtype", "record_bytes",
-                                        "layout", "shards"))
-_CHUNK_BYTES = 64 << 20  # bound on the bit-expansion buffer while packing a shard
+_SPEC_FIELDS = ("format_version", "k", "vocab_size", "seq_len", "positions", "logprob_dtype",
+                "teacher", "tokenizer_hash", "data_fingerprint", "num_hosts")
+_STRUCTURAL = frozenset(_SPEC_FIELDS + ("format", "id_bits", "record_bytes", "layout",
+                                        "shards"))
+_CHUNK_BYTES = 64 << 20  # bound on the gather / bit-expansion buffers while packing a shard
 
 
 def _json_normal(x: Any) -> Any:
@@ -57,6 +67,7 @@ class StoreSpec:
   k: int
   vocab_size: int
   seq_len: int
+  positions: int = 0  # P: the most scored (mask) positions any record holds; 0 means seq_len
   logprob_dtype: str = "float16"
   teacher: dict = dataclasses.field(default_factory=dict)  # e.g. model path, step, weights hash
   tokenizer_hash: str = ""
@@ -69,6 +80,9 @@ class StoreSpec:
       raise UserError(f"store k: expected 1..vocab_size, got {self.k}")
     if self.seq_len < 1:
       raise UserError(f"store seq_len: expected >= 1, got {self.seq_len}")
+    if not 0 <= self.positions <= self.seq_len:
+      raise UserError(f"store positions: expected 0..seq_len={self.seq_len} (0: seq_len), got "
+                      f"{self.positions}")
     if self.logprob_dtype not in _LOGPROB_DTYPES:
       raise UserError(f"store logprob_dtype: expected one of {sorted(_LOGPROB_DTYPES)}, "
                       f"got {self.logprob_dtype!r}")
@@ -82,16 +96,17 @@ class StoreSpec:
     return max(1, (self.vocab_size - 1).bit_length())
 
   @property
-  def token_dtype(self) -> np.dtype:
-    return np.dtype("<u2" if self.vocab_size <= 65536 else "<u4")
+  def scored_positions(self) -> int:
+    """P in effect: `positions`, or seq_len when it is 0."""
+    return self.positions or self.seq_len
 
   @property
   def layout(self) -> dict[str, tuple[int, int]]:
     """Field name -> (byte offset, byte count) inside one record."""
-    L, K = self.seq_len, self.k
-    sizes = [("example_idx", 8), ("token_ids", L * self.token_dtype.itemsize),
-             ("top_ids", (L * K * self.id_bits + 7) // 8), ("logprobs", L * K * 2),
-             ("tail_logmass", L * 2), ("mask", (L + 7) // 8)]
+    L, P, K = self.seq_len, self.scored_positions, self.k
+    sizes = [("example_idx", 8), ("token_hash", 8), ("mask", (L + 7) // 8),
+             ("top_ids", (P * K * self.id_bits + 7) // 8), ("logprobs", P * K * 2),
+             ("tail_logmass", P * 2)]
     out, offset = {}, 0
     for name, n in sizes:
       out[name] = (offset, n)
@@ -105,13 +120,34 @@ class StoreSpec:
   @classmethod
   def from_manifest(cls, m: dict) -> StoreSpec:
     return cls(k=m["k"], vocab_size=m["vocab_size"], seq_len=m["seq_len"],
-               logprob_dtype=m["logprob_dtype"], teacher=m["teacher"],
+               positions=m["positions"], logprob_dtype=m["logprob_dtype"], teacher=m["teacher"],
                tokenizer_hash=m["tokenizer_hash"], data_fingerprint=m["data_fingerprint"])
 
 
-def bytes_per_position(spec: StoreSpec) -> float:
-  """Stored bytes per token position (record size / L), for reports."""
-  return spec.record_bytes / spec.seq_len
+def bytes_per_example(spec: StoreSpec) -> int:
+  """Stored bytes per example row (the record size), for reports."""
+  return spec.record_bytes
+
+
+def bytes_per_scored_token(spec: StoreSpec) -> float:
+  """Stored bytes per scored position when a row fills all P slots (record size / P)."""
+  return spec.record_bytes / spec.scored_positions
+
+
+def token_hash(token_ids_NxL: np.ndarray) -> np.ndarray:
+  """uint64 [N]: a 64-bit hash of each row's token ids (as little-endian int32).
+
+  blake2b (8-byte digest) per row: deterministic across runs, machines and the ids' integer
+  dtype. ~10 us per 2048-token row.
+  """
+  x = np.asarray(token_ids_NxL)
+  if x.ndim != 2 or not (np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+    raise ValueError(f"token_hash: expected integer ids [N, L], got {x.dtype} {x.shape}")
+  if x.size and x.dtype.itemsize > 4 and (x.min() < -2**31 or x.max() >= 2**31):
+    raise ValueError("token_hash: token ids outside the int32 range")
+  rows = np.ascontiguousarray(x, "<i4")
+  digests = b"".join(hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows)
+  return np.frombuffer(digests, "<u8").astype(np.uint64).reshape(len(rows))
 
 
 def store_size_bytes(store_dir: str | os.PathLike) -> int:
@@ -164,22 +200,37 @@ def _unpack_bits_generic(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
 # ---- records ------------------------------------------------------------------------------
 
 
+def _slots(mask_NxL: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(row, position, slot) of every set mask bit; slot = its rank within the row."""
+  row, pos = np.nonzero(mask_NxL)
+  slot = (np.cumsum(mask_NxL, axis=1, dtype=np.int64) - 1)[row, pos]
+  return row, pos, slot
+
+
 def _encode(spec: StoreSpec, example_idx_N, token_ids_NxL, ids_NxLxK, logprobs_NxLxK,
             tail_logmass_NxL, mask_NxL) -> np.ndarray:
-  """Arrays of N examples -> uint8 [N, record_bytes]."""
-  n, L, K = len(example_idx_N), spec.seq_len, spec.k
+  """Arrays of N examples -> uint8 [N, record_bytes]; the caller checked counts and ranges."""
+  n, P, K = len(example_idx_N), spec.scored_positions, spec.k
   lp_dtype = _LOGPROB_DTYPES[spec.logprob_dtype]
+  mask_NxL = np.asarray(mask_NxL).astype(bool)
+  row, pos, slot = _slots(mask_NxL)
+  ids_NxPxK = np.zeros((n, P, K), np.int64)
+  ids_NxPxK[row, slot] = np.asarray(ids_NxLxK)[row, pos]
+  lp_NxPxK = np.zeros((n, P, K), np.float32)
+  lp_NxPxK[row, slot] = np.asarray(logprobs_NxLxK, np.float32)[row, pos]
+  tail_NxP = np.zeros((n, P), np.float32)
+  tail_NxP[row, slot] = np.asarray(tail_logmass_NxL, np.float32)[row, pos]
 
-  def half(x, shape):
-    return np.asarray(x, np.float32).reshape(shape).astype(lp_dtype).view("<u2").view(np.uint8)
+  def half(x):
+    return x.reshape(n, -1).astype(lp_dtype).view("<u2").view(np.uint8)
 
   parts = {
       "example_idx": np.asarray(example_idx_N).astype("<i8").reshape(n, 1).view(np.uint8),
-      "token_ids": np.asarray(token_ids_NxL).astype(spec.token_dtype).view(np.uint8),
-      "top_ids": pack_bits(np.asarray(ids_NxLxK).reshape(n, L * K), spec.id_bits),
-      "logprobs": half(logprobs_NxLxK, (n, L * K)),
-      "tail_logmass": half(tail_logmass_NxL, (n, L)),
-      "mask": np.packbits(np.asarray(mask_NxL).astype(bool), axis=-1, bitorder="little"),
+      "token_hash": token_hash(token_ids_NxL).astype("<u8").reshape(n, 1).view(np.uint8),
+      "mask": np.packbits(mask_NxL, axis=-1, bitorder="little"),
+      "top_ids": pack_bits(ids_NxPxK.reshape(n, P * K), spec.id_bits),
+      "logprobs": half(lp_NxPxK),
+      "tail_logmass": half(tail_NxP),
   }
   rec_NxR = np.empty((n, spec.record_bytes), np.uint8)
   for name, (offset, nbytes) in spec.layout.items():
@@ -188,22 +239,33 @@ def _encode(spec: StoreSpec, example_idx_N, token_ids_NxL, ids_NxLxK, logprobs_N
 
 
 def _decode(spec: StoreSpec, rec_NxR: np.ndarray) -> dict[str, np.ndarray]:
-  """uint8 [N, record_bytes] -> dict of arrays (int32 ids, float32 log-probs, bool mask)."""
-  n, L, K = rec_NxR.shape[0], spec.seq_len, spec.k
+  """uint8 [N, record_bytes] -> dict of dense arrays over L (int32 ids, float32 log-probs)."""
+  n, L, P, K = rec_NxR.shape[0], spec.seq_len, spec.scored_positions, spec.k
   lp_dtype = _LOGPROB_DTYPES[spec.logprob_dtype]
   field = {name: np.ascontiguousarray(rec_NxR[:, o:o + b]) for name, (o, b) in spec.layout.items()}
 
   def half(x, shape):
     return x.view("<u2").astype(np.uint16).view(lp_dtype).astype(np.float32).reshape(shape)
 
+  mask_NxL = np.unpackbits(field["mask"], axis=-1, count=L, bitorder="little").astype(bool)
+  row, pos, slot = _slots(mask_NxL)
+  if slot.size and slot.max() >= P:
+    raise UserError(f"store: a record's mask has more than positions={P} scored positions "
+                    "(corrupted shard); re-run extract")
+  ids_NxPxK = unpack_bits(field["top_ids"], spec.id_bits, P * K).astype(np.int32)
+  ids_NxLxK = np.zeros((n, L, K), np.int32)
+  ids_NxLxK[row, pos] = ids_NxPxK.reshape(n, P, K)[row, slot]
+  logprobs_NxLxK = np.full((n, L, K), TAIL_FLOOR, np.float32)
+  logprobs_NxLxK[row, pos] = half(field["logprobs"], (n, P, K))[row, slot]
+  tail_NxL = np.zeros((n, L), np.float32)
+  tail_NxL[row, pos] = half(field["tail_logmass"], (n, P))[row, slot]
   return {
       "example_idx_N": field["example_idx"].view("<i8").astype(np.int64).reshape(n),
-      "token_ids_NxL": field["token_ids"].view(spec.token_dtype).astype(np.int32).reshape(n, L),
-      "ids_NxLxK": unpack_bits(field["top_ids"], spec.id_bits, L * K).astype(np.int32)
-                   .reshape(n, L, K),
-      "logprobs_NxLxK": half(field["logprobs"], (n, L, K)),
-      "tail_logmass_NxL": half(field["tail_logmass"], (n, L)),
-      "mask_NxL": np.unpackbits(field["mask"], axis=-1, count=L, bitorder="little").astype(bool),
+      "token_hash_N": field["token_hash"].view("<u8").astype(np.uint64).reshape(n),
+      "ids_NxLxK": ids_NxLxK,
+      "logprobs_NxLxK": logprobs_NxLxK,
+      "tail_logmass_NxL": tail_NxL,
+      "mask_NxL": mask_NxL,
   }
 
 
@@ -229,8 +291,9 @@ def _read_json(path: str) -> dict | None:
 
 
 def _header(spec: StoreSpec, num_hosts: int) -> dict:
+  # `positions` is the P in effect, so 0 and seq_len name the same store.
   return {"format": FORMAT, "format_version": VERSION, "k": spec.k, "vocab_size": spec.vocab_size,
-          "seq_len": spec.seq_len, "id_bits": spec.id_bits, "token_dtype": spec.token_dtype.name,
+          "seq_len": spec.seq_len, "positions": spec.scored_positions, "id_bits": spec.id_bits,
           "logprob_dtype": spec.logprob_dtype, "record_bytes": spec.record_bytes,
           "layout": {k: list(v) for k, v in spec.layout.items()}, "teacher": spec.teacher,
           "tokenizer_hash": spec.tokenizer_hash, "data_fingerprint": spec.data_fingerprint,
@@ -321,12 +384,16 @@ class StoreWriter:
                   tail_logmass_NxL: np.ndarray, mask_NxL: np.ndarray) -> dict:
     """Writes shard `index` (temp file + rename), then records it in the manifest.
 
+    Only the positions set in mask_NxL are stored (at most spec.positions per row); the other
+    positions' values are ignored (neither stored nor checked). token_ids_NxL is stored as its
+    token_hash() only.
+
     Returns the manifest entry {file, host, index, num_records, first_example, bytes, sha256};
     first_example is set when the example indices are consecutive (then nothing is read to map
     them), else None.
     """
     spec, n = self.spec, len(example_idx_N)
-    L, K = spec.seq_len, spec.k
+    L, P, K = spec.seq_len, spec.scored_positions, spec.k
     example_idx_N = np.asarray(example_idx_N, np.int64)
     shapes = {"token_ids_NxL": (token_ids_NxL, (n, L)), "ids_NxLxK": (ids_NxLxK, (n, L, K)),
               "logprobs_NxLxK": (logprobs_NxLxK, (n, L, K)),
@@ -334,14 +401,20 @@ class StoreWriter:
     for name, (x, shape) in shapes.items():
       if np.shape(x) != shape:
         raise ValueError(f"write_shard {name}: expected shape {shape}, got {np.shape(x)}")
-    _check_range("store top ids", ids_NxLxK, spec.vocab_size)
-    _check_range("store token ids", token_ids_NxL, np.iinfo(spec.token_dtype).max + 1)
+    mask_NxL = np.asarray(mask_NxL).astype(bool)
+    count_N = mask_NxL.sum(axis=1)
+    if (over := np.nonzero(count_N > P)[0]).size:
+      r = over[0]
+      raise UserError(f"store example {example_idx_N[r]}: {count_N[r]} scored positions, more "
+                      f"than the store's positions={P} (raise the store's positions)")
+    _check_range("store top ids", np.asarray(ids_NxLxK)[mask_NxL], spec.vocab_size)
     if len(np.unique(example_idx_N)) != n:
       raise ValueError("write_shard example_idx_N: indices repeat within the shard")
 
     name = _shard_name(self.host_id, index)
     path = os.path.join(self.store_dir, name)
-    rows = max(1, _CHUNK_BYTES // max(1, L * K * spec.id_bits))
+    # Per row: the [P, K] gathers (int64 ids, float32 log-probs) and the bit expansion.
+    rows = max(1, _CHUNK_BYTES // max(1, P * K * (12 + spec.id_bits) + 8 * L))
     h = hashlib.sha256()
     with atomic_path(path) as tmp:
       with open(tmp, "wb") as f:
@@ -349,7 +422,7 @@ class StoreWriter:
           s = slice(a, a + rows)
           data = _encode(spec, example_idx_N[s], np.asarray(token_ids_NxL)[s],
                          np.asarray(ids_NxLxK)[s], np.asarray(logprobs_NxLxK)[s],
-                         np.asarray(tail_logmass_NxL)[s], np.asarray(mask_NxL)[s]).tobytes()
+                         np.asarray(tail_logmass_NxL)[s], mask_NxL[s]).tobytes()
           h.update(data)
           f.write(data)
     consecutive = n > 0 and np.array_equal(example_idx_N, example_idx_N[0] + np.arange(n))
@@ -414,8 +487,9 @@ class StoreReader:
           os.path.join(self.store_dir, "manifest-h*.json")) else " (run extract first)"
       raise UserError(f"{path}: no store manifest{hint}")
     if m.get("format") != FORMAT or m.get("format_version") != VERSION:
-      raise UserError(f"{path}: expected {FORMAT} version {VERSION}, got "
-                      f"{m.get('format')} version {m.get('format_version')}")
+      raise UserError(f"{path}: expected {FORMAT} version {VERSION}, got {m.get('format')} "
+                      f"version {m.get('format_version')}; re-run extract into a new store dir "
+                      "(or delete this one)")
     self.manifest, self.spec = m, StoreSpec.from_manifest(m)
     self.shards: list[dict] = m["shards"]
     self._maps: list[np.memmap | None] = []
@@ -468,8 +542,10 @@ class StoreReader:
   def read(self, example_indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
     """Records of the given examples, in the given order.
 
-    Returns {example_idx_N int64, token_ids_NxL int32, ids_NxLxK int32, logprobs_NxLxK float32,
-    tail_logmass_NxL float32, mask_NxL bool}.
+    Returns {example_idx_N int64, token_hash_N uint64, ids_NxLxK int32, logprobs_NxLxK float32,
+    tail_logmass_NxL float32, mask_NxL bool}, dense over L: the stored values at the mask's
+    positions; elsewhere id 0, log-prob TAIL_FLOOR and tail 0.0. Compare token_hash_N with
+    token_hash(batch token ids) to check the batch is the data the store was built from.
     """
     want_N = np.asarray(example_indices, np.int64).reshape(-1)
     pos = np.searchsorted(self.example_indices, want_N)

@@ -48,7 +48,7 @@ def parse_variant(name: str, cfg) -> Variant:
     return dataclasses.replace(parse_variant(name_only, cfg), name=name, epochs=int(epochs))
   base, *mods = name.split("-")
   d = cfg.distill
-  answer_only = cfg.data.loss_on == "response"
+  answer_only = workspace.answer_only(cfg)
   if base == "sft_ls" and mods in ([], ["choices"]):
     return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
                                        smooth_over="choices" if mods else "vocab",
@@ -114,7 +114,7 @@ def store_targets(reader: store.StoreReader):
   """Adds the teacher's stored top-k to a host batch, checking it is the same data."""
   def add(batch: dict) -> dict:
     rec = reader.read(batch["example_id"])
-    if not np.array_equal(rec["token_ids_NxL"], batch["input_ids"]):
+    if not np.array_equal(rec["token_hash_N"], store.token_hash(batch["input_ids"])):
       raise UserError("store: token ids differ from the data batch (store built from other "
                       "data; re-run extract into a new store)")
     return {**batch, "teacher_ids": rec["ids_NxLxK"], "teacher_logprobs": rec["logprobs_NxLxK"],
@@ -130,7 +130,7 @@ def student_seed(cfg) -> int:
 def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
   """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
   teacher = finetune.stage_fingerprint(cfg) if variant.needs_teacher else None
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.data, cfg.student, cfg.distill,
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.student, cfg.distill,
                                cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t,
                                *([variant.epochs] if variant.epochs else []))
 

@@ -49,6 +49,18 @@ def fingerprint(*blocks: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_TEXT_ONLY = ("kind", "text_fields", "answer_template", "on_bad_example")
+
+
+def data_block(cfg: ml_collections.ConfigDict) -> dict:
+  """`cfg.data` as stage fingerprints hash it: a multiple-choice run leaves out the keys that
+  only text runs read, so adding those keys did not invalidate finished choice runs."""
+  block = cfg.data.to_dict()
+  if block.get("kind", "choice") == "choice":
+    block = {k: v for k, v in block.items() if k not in _TEXT_ONLY}
+  return block
+
+
 def is_done(path: str, fp: str) -> bool:
   marker = os.path.join(path, "done.json")
   if not os.path.exists(marker):
@@ -150,17 +162,35 @@ class Data:
   splits: dict[str, dict[str, np.ndarray]]  # train / validation / test arrays (first_jax.data)
   ood: dict[str, dict[str, np.ndarray]]  # out-of-domain task -> test arrays
   fingerprint: str  # of the in-domain examples, tokenizer and shapes
-  num_choices: int
+  num_choices: int  # kind=choice: the most choices of an example; kind=text: 0
+  kind: str = "choice"
+
+
+def answer_only(cfg: ml_collections.ConfigDict) -> bool:
+  """Multiple choice with a response-only loss: one scored position per row (its answer), so
+  the output head, the store and the events need that position only."""
+  return cfg.data.kind == "choice" and cfg.data.loss_on == "response"
 
 
 def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
   d = cfg.data
   if d.source == "synthetic":
-    return sources.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
+    mcs = sources.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
+    if d.kind == "text":  # the options go into the prompt (the toy questions do not name them)
+      return [data.mc_as_text(dataclasses.replace(e, input=f"{e.input}\nOptions: "
+                                                  f"{', '.join(e.choices)}"), d.answer_template)
+              for e in mcs]
+    return mcs
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
+    if d.kind == "text":
+      return sources.load_bigbench_text(path, answer_template=d.answer_template,
+                                        on_bad=d.on_bad_example)
     return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
   if d.source == "hf":
+    if d.kind == "text":
+      return sources.load_hf_text(task, d.hf_split, d.text_fields.to_dict(),
+                                  on_bad=d.on_bad_example)
     return sources.load_hf(task, d.hf_split, d.hf_fields.to_dict())
   raise UserError(f"config.data.source: expected synthetic, bigbench or hf, got {d.source!r}")
 
@@ -172,25 +202,60 @@ def _subsample(examples: list, n: int, seed: int) -> list:
   return [examples[i] for i in sorted(idx)]
 
 
+def _encoder(cfg: ml_collections.ConfigDict, tok, num_choices: int):
+  d = cfg.data
+  if d.kind == "text":
+    return functools.partial(data.encode_text, tok=tok, max_len=d.max_len, loss_on=d.loss_on,
+                             use_chat_template=d.use_chat_template)
+  return functools.partial(data.encode_mc, tok=tok, max_len=d.max_len, loss_on=d.loss_on,
+                           use_chat_template=d.use_chat_template, num_choices=num_choices)
+
+
 def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
   d = cfg.data
   examples = _subsample(_load_examples(cfg, d.task), d.num_examples, cfg.seed)
+  if not examples:
+    raise UserError(f"config.data.task: {d.task or d.source!r} has no usable examples")
   splits, record = data.split_examples(
       examples, {"train": 1.0 - d.validation - d.test, "validation": d.validation,
                  "test": d.test}, seed=cfg.seed)
-  num_choices = max(len(ex.choices) for ex in examples)
-  encode = functools.partial(data.encode_mc, tok=tok, max_len=d.max_len, loss_on=d.loss_on,
-                             use_chat_template=d.use_chat_template, num_choices=num_choices)
+  for name, exs in splits.items():
+    if not exs:
+      raise UserError(f"config.data.{'validation' if name == 'validation' else 'test'}: the "
+                      f"{name} split of {len(examples)} examples is empty (use more examples "
+                      f"or larger fractions)")
+  num_choices = 0 if d.kind == "text" else max(len(ex.choices) for ex in examples)
+  encode = _encoder(cfg, tok, num_choices)
   arrays = {name: encode(exs) for name, exs in splits.items()}
   ood = {}
   for task in d.ood_tasks:
     ood_examples = _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
     ood[task] = encode(ood_examples)
-  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, loss_on=d.loss_on,
-                        use_chat_template=d.use_chat_template)
+  settings = dict(loss_on=d.loss_on, use_chat_template=d.use_chat_template)
+  if d.kind == "text":  # (choice runs keep the fingerprints they had before text existed)
+    settings.update(kind=d.kind, answer_template=d.answer_template)
+  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, **settings)
   data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
-  return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices)
+  return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices, kind=d.kind)
+
+
+def load_choice_tasks(cfg: ml_collections.ConfigDict, tok) -> dict[str, dict[str, np.ndarray]]:
+  """`evaluate.choice_tasks` (BIG-bench multiple choice) as text rows, one per (example,
+  choice), for log-likelihood scoring: the encoded rows plus `group` [R] (the row's example)
+  and `label` [N]."""
+  d, out = cfg.data, {}
+  for task in cfg.evaluate.choice_tasks:
+    path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
+    exs = _subsample(sources.load_bigbench(
+        path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None),
+        d.num_ood_examples, cfg.seed)
+    rows, group_R = data.choice_rows(exs, d.answer_template)
+    arrays = data.encode_text(rows, tok, d.max_len, use_chat_template=d.use_chat_template,
+                              add_eos=False)
+    arrays["group"] = group_R
+    out[task] = {"rows": arrays, "label": np.asarray([e.label for e in exs], np.int64)}
+  return out
 
 
 # ----------------------------------------------------------------------------- models

@@ -1,0 +1,140 @@
+"""Text evaluation: every response token scored, exactly, at a grid of temperatures.
+
+One jitted program per model runs the forward pass and, at each position, keeps only scalars:
+the target's logit, the top logit, whether the top-1 token is the target, and the log-partition
+log sum_v exp(z_v / t) and log sum_v exp(2 z_v / t) for every temperature t of the grid
+(`lax.map` over t: one [B, L, V] buffer at a time). From those, for any grid t and with no
+approximation:
+  token NLL        lse(z / t) - z_target / t                    (perplexity = exp(mean NLL))
+  confidence       exp(z_max / t - lse(z / t))                  (the top-1 token's probability)
+  correct          argmax z == target                           (does not depend on t)
+  Brier            sum_v p_v^2 - 2 p_target + 1, with sum_v p_v^2 = exp(lse(2z / t) - 2 lse(z / t))
+Token-level ECE / MCE / reliability use (confidence, correct) of every scored token; the
+post-hoc temperature of a model is the grid t with the lowest validation token NLL.
+
+Choice tasks scored from text rows (`workspace.load_choice_tasks`): a choice's log-likelihood
+is the sum of its tokens' log-probs after the prompt; the softmax over an example's choices
+gives its prediction and confidence (lm-eval-harness style), at any grid t as well.
+
+Shape letters: B batch, L positions, V vocabulary, T temperatures, M scored tokens, N examples,
+R choice rows, C choices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from first_jax import calibration, data as data_lib, log as log_lib, step, trainer
+
+
+def grid(lo: float, hi: float, num: int) -> np.ndarray:
+  """Log-spaced temperatures from lo to hi, plus t = 1 (the model as it is)."""
+  return np.union1d(np.geomspace(lo, hi, int(num)), [1.0]).astype(np.float32)
+
+
+def token_scores(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
+                 t_T: jax.Array) -> dict[str, jax.Array]:
+  """Per-position scalars of one batch (see the module docstring); lse_BxLxT at each t."""
+  logits_BxLxV = apply(params, batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+  tgt_BxL = batch["targets"]
+  z_tgt_BxL = jnp.take_along_axis(logits_BxLxV, tgt_BxL[..., None], axis=-1)[..., 0]
+  z_max_BxL = jnp.max(logits_BxLxV, axis=-1)
+  correct_BxL = jnp.argmax(logits_BxLxV, axis=-1) == tgt_BxL
+  lse_TxBxL = jax.lax.map(lambda t: jax.nn.logsumexp(logits_BxLxV / t, axis=-1), t_T)
+  lse2_TxBxL = jax.lax.map(lambda t: jax.nn.logsumexp(2.0 * logits_BxLxV / t, axis=-1), t_T)
+  return {"z_target": z_tgt_BxL, "z_max": z_max_BxL, "correct": correct_BxL,
+          "lse": jnp.moveaxis(lse_TxBxL, 0, -1), "lse2": jnp.moveaxis(lse2_TxBxL, 0, -1)}
+
+
+def scorer(model, t_T: np.ndarray):
+  """The jitted token scoring of `model` at the temperatures t_T."""
+  return jax.jit(functools.partial(token_scores, apply=trainer.model_apply(model.module),
+                                   t_T=jnp.asarray(t_T)))
+
+
+def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
+          length_buckets: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+  """Scores of every scored token of `arrays` -> flat [M] / [M, T] arrays in (row, position)
+  order, with `row` [M] (the token's row, for per-row sums and row-level bootstrap)."""
+  n = len(arrays["input_ids"])
+  keys = ("input_ids", "attention_mask", "targets", "loss_mask")
+  order = (np.argsort(arrays["attention_mask"].sum(-1), kind="stable") if length_buckets
+           else np.arange(n))
+  rows = {k: arrays[k][order] for k in keys}
+  rows["row"] = order.astype(np.int64)
+  batches = data_lib.BatchIterator(rows, batch_size, seed=0, shuffle=False,
+                                   drop_remainder=False, num_epochs=1)
+  parts = []
+  for b in log_lib.progress(batches, desc="score tokens", total=-(-n // batch_size)):
+    b = data_lib.trim_batch(b, length_buckets)
+    dev = jax.device_put({k: b[k] for k in keys[:3]}, batch_sharding)
+    out = jax.device_get(fn(model.params, dev))
+    at_BxL = (b["loss_mask"] > 0) & (b["valid"][:, None] > 0)
+    row_BxL = np.broadcast_to(b["row"][:, None], at_BxL.shape)
+    pos_BxL = np.broadcast_to(np.arange(at_BxL.shape[1])[None, :], at_BxL.shape)
+    parts.append({"row": row_BxL[at_BxL], "pos": pos_BxL[at_BxL],
+                  **{k: np.asarray(v)[at_BxL] for k, v in out.items()}})
+  flat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  sort = np.lexsort((flat.pop("pos"), flat["row"]))
+  return {k: v[sort] for k, v in flat.items()}
+
+
+def token_events(scores: dict, t_T: np.ndarray, j: int) -> dict[str, np.ndarray]:
+  """Per-token confidence, correctness, NLL and Brier at grid temperature t_T[j]."""
+  t = float(t_T[j])
+  lse_M = scores["lse"][:, j].astype(np.float64)
+  log_conf_M = scores["z_max"] / t - lse_M
+  log_p_tgt_M = scores["z_target"] / t - lse_M
+  sum_sq_M = np.exp(scores["lse2"][:, j] - 2.0 * lse_M)
+  return {"confidence": np.exp(log_conf_M).astype(np.float32),
+          "correct": scores["correct"].astype(np.float32), "nll": -log_p_tgt_M,
+          "brier": sum_sq_M - 2.0 * np.exp(log_p_tgt_M) + 1.0, "row": scores["row"]}
+
+
+def token_metrics(ev: dict[str, np.ndarray], num_bins: tuple[int, ...]) -> dict[str, Any]:
+  """Token-level metrics of one model on one text set, from `token_events`."""
+  conf_M, correct_M = jnp.asarray(ev["confidence"]), jnp.asarray(ev["correct"])
+  nll = float(np.mean(ev["nll"]))
+  out: dict[str, Any] = {
+      "n": int(len(ev["correct"])), "rows": int(len(np.unique(ev["row"]))),
+      "accuracy": float(np.mean(ev["correct"])), "confidence": float(np.mean(ev["confidence"])),
+      "nll": nll, "perplexity": float(np.exp(nll)), "brier": float(np.mean(ev["brier"])),
+      "brier_top1": float(calibration.binary_brier(conf_M, correct_M))}
+  for nb in num_bins:
+    for binning, tag in (("equal_width", ""), ("equal_mass", "_mass")):
+      out[f"ece{nb}{tag}"] = float(calibration.ece(conf_M, correct_M, nb, binning))
+  out["ece"] = out[f"ece{num_bins[0]}"]
+  out["mce"] = float(calibration.mce(conf_M, correct_M, num_bins[0]))
+  rel = calibration.reliability(conf_M, correct_M, num_bins[0])
+  out["reliability"] = {"count": np.asarray(rel.count_M).tolist(),
+                        "confidence": np.asarray(rel.confidence_M).tolist(),
+                        "accuracy": np.asarray(rel.accuracy_M).tolist()}
+  return out
+
+
+def fit_post_hoc(scores: dict, t_T: np.ndarray) -> int:
+  """Index of the grid temperature with the lowest token NLL on `scores` (validation)."""
+  nll_T = [float(np.mean(token_events(scores, t_T, j)["nll"])) for j in range(len(t_T))]
+  return int(np.argmin(nll_T))
+
+
+def choice_events(scores: dict, group_R: np.ndarray, label_N: np.ndarray, t_T: np.ndarray,
+                  j: int) -> dict[str, np.ndarray]:
+  """Choice-task events at grid temperature t_T[j] from the token scores of its text rows:
+  per example the softmax over its choices' log-likelihoods (as `evaluate.events` reads)."""
+  lp_tok_M = -token_events(scores, t_T, j)["nll"]
+  loglik_R = np.bincount(scores["row"], weights=lp_tok_M, minlength=len(group_R))
+  n = len(label_N)
+  counts_N = np.bincount(group_R, minlength=n)
+  c = int(counts_N.max())
+  slot_R = np.arange(len(group_R)) - np.repeat(np.cumsum(counts_N) - counts_N, counts_N)
+  ll_NxC = np.full((n, c), -np.inf)
+  ll_NxC[group_R, slot_R] = loglik_R
+  lp_NxC = ll_NxC - np.logaddexp.reduce(ll_NxC, axis=-1, keepdims=True)
+  return {"confidence": np.exp(lp_NxC.max(-1)).astype(np.float32),
+          "correct": (lp_NxC.argmax(-1) == label_N).astype(np.float32),
+          "logprobs": lp_NxC, "label": np.asarray(label_N)}
