@@ -321,6 +321,7 @@ def base() -> ml_collections.ConfigDict:
       # answer_template.format(answer=<gold choice text>), e.g. "Sentiment: {answer}"
       answer_template="{answer}",
       on_bad_example="error",  # kind=text: a record without prompt or response: error | skip
+      use_task_prefix=True,  # BIG-bench: put the task's task_prefix before each input
       ood_tasks=(),  # evaluated out-of-domain (same source kind)
       num_examples=0,  # 0: all; else a seeded subsample of the in-domain task
       num_ood_examples=0,  # per out-of-domain task, 0: all

@@ -1,6 +1,7 @@
 """Text evaluation: every response token scored, exactly, at a grid of temperatures.
 
-One jitted program per model runs the forward pass and, at each position, keeps only scalars:
+One jitted program per model runs the forward pass, the output head at the scored (response)
+positions only, and keeps only scalars there:
 the target's logit, the top logit, whether the top-1 token is the target, and the log-partition
 log sum_v exp(z_v / t) and log sum_v exp(2 z_v / t) for every temperature t of the grid
 (`lax.map` over t: one [B, L, V] buffer at a time). From those, for any grid t and with no
@@ -38,16 +39,19 @@ def grid(lo: float, hi: float, num: int) -> np.ndarray:
 
 def token_scores(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
                  t_T: jax.Array) -> dict[str, jax.Array]:
-  """Per-position scalars of one batch (see the module docstring); lse_BxLxT at each t."""
-  logits_BxLxV = apply(params, batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
-  tgt_BxL = batch["targets"]
-  z_tgt_BxL = jnp.take_along_axis(logits_BxLxV, tgt_BxL[..., None], axis=-1)[..., 0]
-  z_max_BxL = jnp.max(logits_BxLxV, axis=-1)
-  correct_BxL = jnp.argmax(logits_BxLxV, axis=-1) == tgt_BxL
-  lse_TxBxL = jax.lax.map(lambda t: jax.nn.logsumexp(logits_BxLxV / t, axis=-1), t_T)
-  lse2_TxBxL = jax.lax.map(lambda t: jax.nn.logsumexp(2.0 * logits_BxLxV / t, axis=-1), t_T)
-  return {"z_target": z_tgt_BxL, "z_max": z_max_BxL, "correct": correct_BxL,
-          "lse": jnp.moveaxis(lse_TxBxL, 0, -1), "lse2": jnp.moveaxis(lse2_TxBxL, 0, -1)}
+  """Scalars at each row's scored positions `score_pos_BxP` (see the module docstring): the
+  output head runs there only (a response is a few of the L positions); lse_BxPxT at each t."""
+  h_BxLxD = apply(params, batch["input_ids"], batch["attention_mask"], hidden_only=True)
+  pos_BxP = batch["score_pos"]
+  h_BxPxD = jnp.take_along_axis(h_BxLxD, pos_BxP[..., None], axis=1)
+  logits_BxPxV = apply(params, h_BxPxD, head_only=True).astype(jnp.float32)
+  tgt_BxP = jnp.take_along_axis(batch["targets"], pos_BxP, axis=1)
+  z_tgt_BxP = jnp.take_along_axis(logits_BxPxV, tgt_BxP[..., None], axis=-1)[..., 0]
+  lse_TxBxP = jax.lax.map(lambda t: jax.nn.logsumexp(logits_BxPxV / t, axis=-1), t_T)
+  lse2_TxBxP = jax.lax.map(lambda t: jax.nn.logsumexp(2.0 * logits_BxPxV / t, axis=-1), t_T)
+  return {"z_target": z_tgt_BxP, "z_max": jnp.max(logits_BxPxV, axis=-1),
+          "correct": jnp.argmax(logits_BxPxV, axis=-1) == tgt_BxP,
+          "lse": jnp.moveaxis(lse_TxBxP, 0, -1), "lse2": jnp.moveaxis(lse2_TxBxP, 0, -1)}
 
 
 def scorer(model, t_T: np.ndarray):
@@ -61,24 +65,29 @@ def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
   """Scores of every scored token of `arrays` -> flat [M] / [M, T] arrays in (row, position)
   order, with `row` [M] (the token's row, for per-row sums and row-level bootstrap)."""
   n = len(arrays["input_ids"])
-  keys = ("input_ids", "attention_mask", "targets", "loss_mask")
+  scored_NxL = arrays["loss_mask"] > 0
+  count_N = scored_NxL.sum(-1)
+  p = max(1, int(count_N.max()))
+  pos_NxP = np.zeros((n, p), np.int32)  # each row's scored positions, in order, 0-padded
+  pos_NxP[np.arange(p)[None, :] < count_N[:, None]] = np.nonzero(scored_NxL)[1]
   order = (np.argsort(arrays["attention_mask"].sum(-1), kind="stable") if length_buckets
            else np.arange(n))
-  rows = {k: arrays[k][order] for k in keys}
-  rows["row"] = order.astype(np.int64)
+  per_row = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+             "targets": arrays["targets"]}
+  rows = {k: v[order] for k, v in per_row.items()}
+  rows.update(score_pos=pos_NxP[order], count=count_N[order], row=order.astype(np.int64))
   batches = data_lib.BatchIterator(rows, batch_size, seed=0, shuffle=False,
                                    drop_remainder=False, num_epochs=1)
   parts = []
   for b in log_lib.progress(batches, desc="score tokens", total=-(-n // batch_size)):
-    b = data_lib.trim_batch(b, length_buckets)
-    dev = jax.device_put({k: b[k] for k in keys[:3]}, batch_sharding)
-    out = jax.device_get(fn(model.params, dev))
-    at_BxL = (b["loss_mask"] > 0) & (b["valid"][:, None] > 0)
-    row_BxL = np.broadcast_to(b["row"][:, None], at_BxL.shape)
-    pos_BxL = np.broadcast_to(np.arange(at_BxL.shape[1])[None, :], at_BxL.shape)
-    parts.append({"row": row_BxL[at_BxL], "pos": pos_BxL[at_BxL],
-                  **{k: np.asarray(v)[at_BxL] for k, v in out.items()}})
-  flat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    dev = data_lib.trim_batch({k: b[k] for k in per_row}, length_buckets)
+    dev["score_pos"] = b["score_pos"]
+    out = jax.device_get(fn(model.params, jax.device_put(dev, batch_sharding)))
+    at_BxP = (np.arange(p)[None, :] < b["count"][:, None]) & (b["valid"][:, None] > 0)
+    row_BxP = np.broadcast_to(b["row"][:, None], at_BxP.shape)
+    parts.append({"row": row_BxP[at_BxP], "pos": b["score_pos"][at_BxP],
+                  **{k: np.asarray(v)[at_BxP] for k, v in out.items()}})
+  flat = {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
   sort = np.lexsort((flat.pop("pos"), flat["row"]))
   return {k: v[sort] for k, v in flat.items()}
 

@@ -49,16 +49,15 @@ def fingerprint(*blocks: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_TEXT_ONLY = ("kind", "text_fields", "answer_template", "on_bad_example")
+# data keys added after the first finished runs: hashed only when set away from their default,
+# so that adding them did not invalidate those runs
+_LATER_KEYS = ("kind", "text_fields", "answer_template", "on_bad_example", "use_task_prefix")
 
 
 def data_block(cfg: ml_collections.ConfigDict) -> dict:
-  """`cfg.data` as stage fingerprints hash it: a multiple-choice run leaves out the keys that
-  only text runs read, so adding those keys did not invalidate finished choice runs."""
-  block = cfg.data.to_dict()
-  if block.get("kind", "choice") == "choice":
-    block = {k: v for k, v in block.items() if k not in _TEXT_ONLY}
-  return block
+  """`cfg.data` as stage fingerprints hash it (see `_LATER_KEYS`)."""
+  block, default = cfg.data.to_dict(), config_lib.base().data.to_dict()
+  return {k: v for k, v in block.items() if k not in _LATER_KEYS or v != default[k]}
 
 
 def is_done(path: str, fp: str) -> bool:
@@ -185,8 +184,10 @@ def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
     if d.kind == "text":
       return sources.load_bigbench_text(path, answer_template=d.answer_template,
+                                        use_task_prefix=d.use_task_prefix,
                                         on_bad=d.on_bad_example)
-    return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None)
+    return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None,
+                                 use_task_prefix=d.use_task_prefix)
   if d.source == "hf":
     if d.kind == "text":
       return sources.load_hf_text(task, d.hf_split, d.text_fields.to_dict(),
@@ -248,8 +249,8 @@ def load_choice_tasks(cfg: ml_collections.ConfigDict, tok) -> dict[str, dict[str
   for task in cfg.evaluate.choice_tasks:
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
     exs = _subsample(sources.load_bigbench(
-        path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None),
-        d.num_ood_examples, cfg.seed)
+        path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None,
+        use_task_prefix=d.use_task_prefix), d.num_ood_examples, cfg.seed)
     rows, group_R = data.choice_rows(exs, d.answer_template)
     arrays = data.encode_text(rows, tok, d.max_len, use_chat_template=d.use_chat_template,
                               add_eos=False)

@@ -1,4 +1,6 @@
 """Text scoring: every metric at every grid temperature against float64 NumPy references."""
+import functools
+
 import jax
 import numpy as np
 
@@ -16,9 +18,13 @@ class _Model:  # what `textscore.score` reads: params and a forward pass
 
 
 def _fake_scorer(t_T):
-  def apply(params, ids_BxL, mask_BxL):
-    return params["logits"][ids_BxL[:, 0]][:, :ids_BxL.shape[1]]  # row id in column 0
-  import functools
+  """A "model" whose hidden state at (row, position) is its row of logits (the head is the
+  identity), the row found from the id in column 0."""
+  def apply(params, x, mask_BxL=None, *, hidden_only=False, head_only=False):
+    if head_only:
+      return x
+    assert hidden_only
+    return params["logits"][x[:, 0]][:, :x.shape[1]]
   return jax.jit(functools.partial(textscore.token_scores, apply=apply, t_T=t_T))
 
 
