@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, cli, extract, losses, plots, sharding, store, temperature
+from first_jax import calibration, cli, infer, losses, plots, store, temperature
 from first_jax import workspace
 from first_jax.errors import UserError
 
@@ -98,9 +98,9 @@ def run(cfg) -> dict:
   val = data.splits["validation"]
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"
-  fn = extract.topk_fn(teacher.module, k_report, answer_only=not text)
-  top = extract.run_topk(fn, teacher.params, val, cfg.extract.batch_size,
-                         sharding.batch_sharding(workspace.mesh(cfg)), desc="calibrate")
+  mesh = workspace.mesh(cfg)
+  fn = infer.topk_program(teacher.module, k_report, not text, mesh)
+  top = infer.topk_rows(fn, teacher.params, val, cfg.extract.batch_size, mesh, desc="calibrate")
   lp_NxR, ids_NxR, _, gold_N = (token_events if text else answer_events)(top, val)
   mass_NxR = np.cumsum(np.exp(lp_NxR.astype(np.float64)), axis=-1)
   lp_NxK, ids_NxK = lp_NxR[:, :k], ids_NxR[:, :k]

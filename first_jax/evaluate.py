@@ -21,7 +21,6 @@ keyed by the model's and the data's fingerprints, so a re-run only scores what c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any, Callable
@@ -30,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, cli, data as data_lib, io_util, log as log_lib, plots
-from first_jax import models, sharding, step, temperature, textscore, topk, trainer, workspace
+from first_jax import calibration, cli, infer, io_util, models, plots, step, temperature
+from first_jax import textscore, topk, workspace
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "ece", "mce", "brier", "nll")
@@ -56,33 +55,21 @@ def answer_scores(params: Any, batch: dict[str, jax.Array], *,
           "choice_logprobs": choice_BxC}
 
 
-def scorer(model):
+def scorer(model, mesh):
   """The jitted answer-position scoring of `model` (one per model, reused for every set)."""
-  return jax.jit(functools.partial(answer_scores, apply=trainer.model_apply(model.module)))
+  return infer.jit(functools.partial(answer_scores, apply=models.apply_fn(model.module)), mesh)
 
 
-def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
+def score(fn, model, arrays: dict, batch_size: int, mesh,
           length_buckets: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
-  """Answer-position scores of `model` on every row of `arrays` (in their order).
-
-  With `length_buckets` the rows are scored shortest first and each batch's padding is cut to
-  a bucket (`data.trim_batch`; exact for the causal model), one compile per bucket.
-  """
-  n = len(arrays["input_ids"])
-  keys = ("input_ids", "attention_mask", "answer_pos", "choice_ids")
-  order = (np.argsort(arrays["attention_mask"].sum(-1), kind="stable") if length_buckets
-           else np.arange(n))
-  batches = data_lib.BatchIterator({k: arrays[k][order] for k in keys}, batch_size, seed=0,
-                                   shuffle=False, drop_remainder=False, num_epochs=1)
-  outs = []
-  for b in log_lib.progress(batches, desc="score", total=-(-n // batch_size)):
-    b = data_lib.trim_batch({k: b[k] for k in keys}, length_buckets)
-    outs.append(jax.device_get(fn(model.params, jax.device_put(b, batch_sharding))))
-  sorted_out = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
-  out = {}
-  for k, v in sorted_out.items():
-    out[k] = np.empty_like(v)
-    out[k][order] = v
+  """Answer-position scores of `model` on every row of `arrays` (in their order), gathered to
+  every process. With `length_buckets` the rows are scored shortest first and each batch's
+  padding is cut to a bucket (exact for the causal model), one compile per bucket."""
+  out = infer.map_rows(fn, model.params, arrays,
+                       keys=("input_ids", "attention_mask", "answer_pos", "choice_ids"),
+                       batch_size=batch_size, mesh=mesh, desc="score",
+                       length_buckets=length_buckets, shortest_first=bool(length_buckets))
+  out.pop("row")
   return out
 
 
@@ -162,14 +149,6 @@ def fit_post_hoc(scores: dict, arrays: dict, scoring: str) -> float:
       mode="log_space", tail_logmass_N=_tail(top_NxR)).t)
 
 
-def _done_fingerprint(folder: str) -> str | None:
-  path = os.path.join(folder, "done.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f).get("fingerprint")
-
-
 def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
   """Name -> (loader, fingerprint of the model or None: not cached) of every model found."""
   found = {"teacher_pretrained": (lambda: workspace.init_model(cfg, "teacher", tok),
@@ -177,11 +156,12 @@ def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
   teacher = workspace.folder(cfg, "teacher")
   if os.path.exists(os.path.join(teacher, "export", "config.json")):
     found["teacher"] = (functools.partial(workspace.load_export, cfg, teacher, "teacher"),
-                        _done_fingerprint(teacher))
+                        workspace.done_fingerprint(teacher))
   for name in cfg.students:
     path = workspace.folder(cfg, "students", name)
     if os.path.exists(os.path.join(path, "export", "config.json")):
-      found[name] = (functools.partial(workspace.load_export, cfg, path), _done_fingerprint(path))
+      found[name] = (functools.partial(workspace.load_export, cfg, path),
+                     workspace.done_fingerprint(path))
   for path in cfg.evaluate.models:
     found[os.path.basename(os.path.normpath(path))] = (
         functools.partial(models.load_pretrained, path, mesh=workspace.mesh(cfg)), None)
@@ -238,9 +218,9 @@ class _Choice:
     self.key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
                                       cfg.data.num_ood_examples, TOP_R)
 
-  def compute(self, model, bs) -> dict[str, dict]:
-    fn = scorer(model)
-    return {s: score(fn, model, arrays, self.cfg.evaluate.batch_size, bs,
+  def compute(self, model, mesh) -> dict[str, dict]:
+    fn = scorer(model, mesh)
+    return {s: score(fn, model, arrays, self.cfg.evaluate.batch_size, mesh,
                      tuple(self.cfg.distill.length_buckets)) for s, arrays in self.sets.items()}
 
   def identity(self) -> float:
@@ -276,9 +256,9 @@ class _Text:
                                       cfg.data.num_ood_examples, cfg.evaluate.choice_tasks,
                                       cfg.data.answer_template, self.t_T.tolist())
 
-  def compute(self, model, bs) -> dict[str, dict]:
-    fn = textscore.scorer(model, self.t_T)
-    return {s: textscore.score(fn, model, arrays, self.cfg.evaluate.batch_size, bs,
+  def compute(self, model, mesh) -> dict[str, dict]:
+    fn = textscore.scorer(model, self.t_T, mesh)
+    return {s: textscore.score(fn, model, arrays, self.cfg.evaluate.batch_size, mesh,
                                tuple(self.cfg.distill.length_buckets))
             for s, arrays in self.sets.items()}
 
@@ -313,14 +293,14 @@ def run(cfg) -> dict:
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
   kind = (_Text if data.kind == "text" else _Choice)(cfg, tok, data)
-  bs = sharding.batch_sharding(workspace.mesh(cfg))
+  mesh = workspace.mesh(cfg)
   results: dict[str, dict] = {}
   per_example: dict[str, dict] = {}
   val_nll: dict[str, float] = {}
   for name, (load, model_fp) in _models(cfg, tok).items():
     key = None if model_fp is None else f"{model_fp}/{kind.key}"
     scored = cached_scores(os.path.join(out, "scores"), name, key,
-                           lambda load=load: kind.compute(load(), bs))
+                           lambda load=load: kind.compute(load(), mesh))
     val_nll[name] = kind.val_nll(scored)
     rows = {name: kind.identity()}
     if name in cfg.evaluate.post_hoc:  # + post-hoc temperature scaling, fitted on validation

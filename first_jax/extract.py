@@ -7,37 +7,14 @@ refused by the store itself.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
 import jax
-import numpy as np
 
-from first_jax import cli, data as data_lib, finetune, log as log_lib, sharding, step, store
-from first_jax import tokenizer as tokenizer_lib, trainer, workspace
+from first_jax import cli, infer, store, tokenizer as tokenizer_lib, workspace
 
 log = logging.getLogger(__name__)
-
-
-def topk_fn(module, k: int, answer_only: bool):
-  apply = trainer.model_apply(module)
-  return jax.jit(functools.partial(step.teacher_topk_step, apply=apply, k=k,
-                                   answer_only=answer_only))
-
-
-def run_topk(fn, params, arrays: dict, batch_size: int, batch_sharding,
-             desc: str) -> dict[str, np.ndarray]:
-  """Teacher top-k over all rows of `arrays` (last batch padded, then cut)."""
-  n = len(arrays["input_ids"])
-  batches = data_lib.BatchIterator(arrays, batch_size, seed=0, shuffle=False,
-                                   drop_remainder=False, num_epochs=1)
-  outs = []
-  for batch in log_lib.progress(batches, desc=desc, total=-(-n // batch_size)):
-    keys = [k for k in ("input_ids", "attention_mask", "answer_pos") if k in batch]
-    dev = jax.device_put({k: batch[k] for k in keys}, batch_sharding)
-    outs.append(jax.device_get(fn(params, dev)))
-  return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
 
 def run(cfg) -> str:
@@ -53,25 +30,30 @@ def run(cfg) -> str:
       positions=max(1, int(scored_NxL.sum(-1).max())),  # only positions with a loss are kept
       logprob_dtype=cfg.extract.logprob_dtype,
       teacher={"export": os.path.join(teacher_dir, "export"),
-               "fingerprint": finetune.stage_fingerprint(cfg)},
+               "fingerprint": workspace.teacher_fingerprint(cfg)},
       tokenizer_hash=tokenizer_lib.tokenizer_hash(tok), data_fingerprint=data.fingerprint)
-  writer = store.StoreWriter(out, spec)
+  # Every process writes the rows it computed into its own shard files; process 0 merges the
+  # manifests (finalize) once all are complete.
+  writer = store.StoreWriter(out, spec, host_id=jax.process_index(),
+                             num_hosts=jax.process_count())
+  mesh = workspace.mesh(cfg)
   # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
   # text: the top-k at every position, of which the store keeps the response tokens'.
-  fn = topk_fn(teacher.module, cfg.extract.k, answer_only=workspace.answer_only(cfg))
-  mesh = workspace.mesh(cfg)
+  fn = infer.topk_program(teacher.module, cfg.extract.k, workspace.answer_only(cfg), mesh)
   n, size = len(train["input_ids"]), cfg.extract.shard_size
   num_shards = -(-n // size)
   for index in range(num_shards):
-    if writer.has_shard(index):
+    if infer.all_processes(writer.has_shard(index)):  # every process runs every batch
       log.info("extract: shard %d/%d done already", index + 1, num_shards)
       continue
     rows = slice(index * size, min(n, (index + 1) * size))
     part = {k: v[rows] for k, v in train.items()}
-    top = run_topk(fn, teacher.params, part, cfg.extract.batch_size,
-                   sharding.batch_sharding(mesh), desc=f"extract {index + 1}/{num_shards}")
-    writer.write_shard(index, part["example_id"], part["input_ids"], top["teacher_ids"],
-                       top["teacher_logprobs"], top["teacher_tail"], part["loss_mask"] > 0)
+    top = infer.topk_rows(fn, teacher.params, part, cfg.extract.batch_size, mesh,
+                          desc=f"extract {index + 1}/{num_shards}", gather=False)
+    mine = top["row"]
+    writer.write_shard(index, part["example_id"][mine], part["input_ids"][mine],
+                       top["teacher_ids"], top["teacher_logprobs"], top["teacher_tail"],
+                       part["loss_mask"][mine] > 0)
   writer.finalize()
   log.info("extract: %d examples in %d shards, %.1f MB", n, num_shards,
            store.store_size_bytes(out) / 1e6)

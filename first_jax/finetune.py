@@ -13,17 +13,13 @@ from first_jax import cli, sharding, step, trainer, workspace
 log = logging.getLogger(__name__)
 
 
-def stage_fingerprint(cfg) -> str:
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.teacher, cfg.finetune)
-
-
 def is_done(cfg) -> bool:
-  return workspace.is_done(workspace.folder(cfg, "teacher"), stage_fingerprint(cfg))
+  return workspace.is_done(workspace.folder(cfg, "teacher"), workspace.teacher_fingerprint(cfg))
 
 
 def run(cfg) -> str:
   out = workspace.folder(cfg, "teacher")
-  fp = stage_fingerprint(cfg)
+  fp = workspace.teacher_fingerprint(cfg)
   if is_done(cfg):
     log.info("finetune: done already (%s)", out)
     return out

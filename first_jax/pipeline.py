@@ -26,7 +26,7 @@ def done_already(cfg) -> set[str]:
   with open(path) as f:
     m = json.load(f)
   if not (m.get("complete") and m.get("teacher", {}).get("fingerprint")
-          == finetune.stage_fingerprint(cfg) and m.get("calibration")):
+          == workspace.teacher_fingerprint(cfg) and m.get("calibration")):
     return {"finetune"}
   if not all(train.is_done(cfg, v) for v in train.run_checks(cfg)):
     return {"finetune", "extract"}

@@ -230,25 +230,3 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                             temperature=t.astype(jnp.float32), events=events)
   return new_state, metrics
-
-
-def teacher_topk_step(params: Any, batch: dict[str, jax.Array], *, apply: Apply, k: int,
-                      answer_only: bool = False) -> dict[str, jax.Array]:
-  """Extraction: teacher forward and top-k in one program (the logits never leave the device).
-
-  With `answer_only` the head and top-k run at each row's answer position only (the one
-  position a response-only MCQA loss uses); the other positions hold id 0, log-prob
-  TAIL_FLOOR and tail 0 (they are masked out of every loss).
-  """
-  if not answer_only:
-    return teacher_topk(apply(params, batch["input_ids"], batch["attention_mask"]), k)
-  top = teacher_topk(student_logits(params, batch, apply, LossSpec(answer_only=True)), k)
-  b, l = batch["input_ids"].shape
-  at_B1 = (jnp.arange(l)[None, :] == batch["answer_pos"][:, None])  # [B, L]
-  fill = {"teacher_logprobs": topk.TAIL_FLOOR, "teacher_ids": 0, "teacher_tail": 0.0}
-  out = {}
-  for key, x in top.items():  # [B, 1, ...] -> [B, L, ...], placed at the answer position
-    shape = (b, l) + x.shape[2:]
-    mask = at_B1.reshape((b, l) + (1,) * (x.ndim - 2))
-    out[key] = jnp.where(mask, jnp.broadcast_to(x, shape), jnp.asarray(fill[key], x.dtype))
-  return out

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, data as data_lib, log as log_lib, step, trainer
+from first_jax import calibration, infer, models, step
 
 
 def grid(lo: float, hi: float, num: int) -> np.ndarray:
@@ -54,42 +54,31 @@ def token_scores(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
           "lse": jnp.moveaxis(lse_TxBxP, 0, -1), "lse2": jnp.moveaxis(lse2_TxBxP, 0, -1)}
 
 
-def scorer(model, t_T: np.ndarray):
+def scorer(model, t_T: np.ndarray, mesh):
   """The jitted token scoring of `model` at the temperatures t_T."""
-  return jax.jit(functools.partial(token_scores, apply=trainer.model_apply(model.module),
-                                   t_T=jnp.asarray(t_T)))
+  return infer.jit(functools.partial(token_scores, apply=models.apply_fn(model.module),
+                                     t_T=jnp.asarray(t_T)), mesh)
 
 
-def score(fn, model, arrays: dict, batch_size: int, batch_sharding,
+def score(fn, model, arrays: dict, batch_size: int, mesh,
           length_buckets: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
-  """Scores of every scored token of `arrays` -> flat [M] / [M, T] arrays in (row, position)
-  order, with `row` [M] (the token's row, for per-row sums and row-level bootstrap)."""
-  n = len(arrays["input_ids"])
+  """Scores of every scored token of `arrays`, gathered to every process -> flat [M] / [M, T]
+  arrays in (row, position) order, with `row` [M] (the token's row, for per-row sums and
+  row-level bootstrap)."""
   scored_NxL = arrays["loss_mask"] > 0
   count_N = scored_NxL.sum(-1)
   p = max(1, int(count_N.max()))
-  pos_NxP = np.zeros((n, p), np.int32)  # each row's scored positions, in order, 0-padded
+  pos_NxP = np.zeros((len(count_N), p), np.int32)  # each row's scored positions, 0-padded
   pos_NxP[np.arange(p)[None, :] < count_N[:, None]] = np.nonzero(scored_NxL)[1]
-  order = (np.argsort(arrays["attention_mask"].sum(-1), kind="stable") if length_buckets
-           else np.arange(n))
-  per_row = {"input_ids": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
-             "targets": arrays["targets"]}
-  rows = {k: v[order] for k, v in per_row.items()}
-  rows.update(score_pos=pos_NxP[order], count=count_N[order], row=order.astype(np.int64))
-  batches = data_lib.BatchIterator(rows, batch_size, seed=0, shuffle=False,
-                                   drop_remainder=False, num_epochs=1)
-  parts = []
-  for b in log_lib.progress(batches, desc="score tokens", total=-(-n // batch_size)):
-    dev = data_lib.trim_batch({k: b[k] for k in per_row}, length_buckets)
-    dev["score_pos"] = b["score_pos"]
-    out = jax.device_get(fn(model.params, jax.device_put(dev, batch_sharding)))
-    at_BxP = (np.arange(p)[None, :] < b["count"][:, None]) & (b["valid"][:, None] > 0)
-    row_BxP = np.broadcast_to(b["row"][:, None], at_BxP.shape)
-    parts.append({"row": row_BxP[at_BxP], "pos": b["score_pos"][at_BxP],
-                  **{k: np.asarray(v)[at_BxP] for k, v in out.items()}})
-  flat = {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
-  sort = np.lexsort((flat.pop("pos"), flat["row"]))
-  return {k: v[sort] for k, v in flat.items()}
+  rows = {**{k: arrays[k] for k in ("input_ids", "attention_mask", "targets")},
+          "score_pos": pos_NxP}
+  out = infer.map_rows(fn, model.params, rows, keys=tuple(rows), batch_size=batch_size,
+                       mesh=mesh, desc="score tokens", length_buckets=length_buckets,
+                       shortest_first=bool(length_buckets))
+  at_NxP = np.arange(p)[None, :] < count_N[out["row"]][:, None]  # row-major: (row, position)
+  flat = {k: v[at_NxP] for k, v in out.items() if k != "row"}
+  flat["row"] = np.broadcast_to(out["row"][:, None], at_NxP.shape)[at_NxP]
+  return flat
 
 
 def token_events(scores: dict, t_T: np.ndarray, j: int) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ import os
 import ml_collections
 import numpy as np
 
-from first_jax import cli, finetune, losses, sharding, step, store, temperature, trainer
+from first_jax import cli, losses, sharding, step, store, temperature, trainer
 from first_jax import workspace
 from first_jax.errors import UserError
 
@@ -129,9 +129,10 @@ def student_seed(cfg) -> int:
 
 def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
   """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
-  teacher = finetune.stage_fingerprint(cfg) if variant.needs_teacher else None
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.student, cfg.distill,
-                               cfg.extract.k, dataclasses.asdict(variant.spec), teacher, t,
+  teacher = workspace.teacher_fingerprint(cfg) if variant.needs_teacher else None
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.student,
+                               cfg.distill, cfg.extract.k, dataclasses.asdict(variant.spec),
+                               teacher, t,
                                *([variant.epochs] if variant.epochs else []))
 
 

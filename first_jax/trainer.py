@@ -17,9 +17,9 @@ import jax
 
 from first_jax import checkpoint as ckpt_lib
 from first_jax import data as data_lib
-from first_jax import io_util
+from first_jax import io_util, models
 from first_jax import log as log_lib
-from first_jax import preemption
+from first_jax import preemption, sharding
 from first_jax import step as step_lib
 from first_jax.errors import UserError
 
@@ -119,9 +119,15 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
   ckpt = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"), keep=keep)
   start = 0
   if resume and ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(ckpt_lib.abstract_like(state))
-    batches.restore(data_state)
-    log.info("%s: resuming at step %d of %d", name, start, total_steps)
+    # the newest step that restores completely (state and data position); damaged ones are
+    # moved aside with a warning; none left: start over (the iterator back at its start)
+    initial = batches.state()
+    restored = ckpt.restore_newest(ckpt_lib.abstract_like(state), accept_data=batches.restore)
+    if restored is None:
+      batches.restore(initial)
+    else:
+      state, _, start = restored
+      log.info("%s: resuming at step %d of %d", name, start, total_steps)
   writer = MetricsWriter(folder, resumed_at=start)
   acc, pending, last_loss = _Accumulator(), None, None
   bar = log_lib.progress(range(start, total_steps), desc=name, total=total_steps, initial=start)
@@ -159,17 +165,37 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
   return state
 
 
-def model_apply(module) -> Callable:
-  """`apply(params, ids_BxL, mask_BxL)` -> logits; `hidden_only=True` -> final hidden states;
-  `apply(params, h_xD, head_only=True)` -> the output head on given hidden states."""
-  def apply(params, x, attention_mask_BxL=None, *, hidden_only=False, head_only=False):
-    variables = {"params": params}
-    if head_only:
-      return module.apply(variables, x, method=module.logits_from_hidden)
-    if hidden_only:
-      return module.apply(variables, x, attention_mask_BxL, method=module.hidden)
-    return module.apply(variables, x, attention_mask_BxL)
-  return apply
+def state_shardings(tx, params: Any, events: Any, mesh) -> step_lib.TrainState:
+  """The train state's layout: params as placed (logical rules), optimizer moments like their
+  params (`sharding.opt_state_shardings`), counters, RNG, temperature and events replicated."""
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  rep = sharding.replicated(mesh)
+  return step_lib.TrainState(
+      step=rep, params=param_sh,
+      opt_state=sharding.opt_state_shardings(tx, params, param_sh, mesh), rng=rep,
+      temperature=rep, events=None if events is None else jax.tree.map(lambda _: rep, events))
+
+
+def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, seed: int,
+                 teacher_module=None, teacher_params: Any = None, events: Any = None,
+                 initial_temperature: float = 1.0) -> tuple[step_lib.TrainState, StepFn]:
+  """The initial train state, placed, and the jitted step with explicit layouts: the state
+  keeps its shardings step after step (donated, updated in place), every batch entry is split
+  over (data, fsdp) on its leading axis, the teacher (never donated) keeps its own, metrics
+  come back replicated."""
+  state_sh = state_shardings(tx, params, events, mesh)
+  state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
+                                    initial_temperature=initial_temperature),
+                  out_shardings=state_sh)(params, events=events)
+  teacher_sh = (None if teacher_params is None
+                else jax.tree.map(lambda x: x.sharding, teacher_params))
+  step_fn = jax.jit(functools.partial(
+      step_lib.train_step, student_apply=models.apply_fn(module),
+      teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
+      spec=spec, tx=tx),
+      in_shardings=(state_sh, batch_sharding, teacher_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  return state, step_fn
 
 
 def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, spec,
@@ -192,14 +218,9 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
     events = step_lib.event_buffer(
         spec.search_events, spec.k,
         arrays["choice_ids"].shape[1] if spec.search_choices else 0)
-  state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
-                                    initial_temperature=initial_temperature))(params,
-                                                                              events=events)
-  apply = model_apply(module)
-  teacher_apply = model_apply(teacher_module) if teacher_module is not None else None
-  step_fn = jax.jit(functools.partial(step_lib.train_step, student_apply=apply,
-                                      teacher_apply=teacher_apply, spec=spec, tx=tx),
-                    donate_argnums=0)
+  state, step_fn = compile_step(module, params, spec, tx, mesh, batch_sharding, seed=seed,
+                                teacher_module=teacher_module, teacher_params=teacher_params,
+                                events=events, initial_temperature=initial_temperature)
 
   def put_batch(batch: dict) -> dict:
     if add_targets is not None:

@@ -60,12 +60,49 @@ def data_block(cfg: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in block.items() if k not in _LATER_KEYS or v != default[k]}
 
 
-def is_done(path: str, fp: str) -> bool:
+def _read_marker(marker: str) -> tuple[dict | None, str | None]:
+  """(the JSON object in `marker`, None) or (None, why it is damaged): not JSON, not UTF-8, not
+  an object, or no string "fingerprint". A missing file is (None, None)."""
+  try:
+    with open(marker, "rb") as f:
+      obj = json.loads(f.read().decode())
+  except FileNotFoundError:
+    return None, None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    return None, f"not valid JSON ({(str(e).splitlines() or [type(e).__name__])[0]})"
+  if not isinstance(obj, dict):
+    return None, f"expected a JSON object, got {type(obj).__name__}"
+  if not isinstance(obj.get("fingerprint"), str):
+    return None, "no \"fingerprint\" string"
+  return obj, None
+
+
+_warned: set[tuple[str, int, int]] = set()  # damaged markers already reported (path, mtime, size)
+
+
+def teacher_fingerprint(cfg: ml_collections.ConfigDict) -> str:
+  """What the fine-tuned teacher depends on (its done-marker; the store and KD students record
+  it, so a changed teacher invalidates them)."""
+  return fingerprint(cfg.seed, cfg.tokenizer, data_block(cfg), cfg.teacher, cfg.finetune)
+
+
+def done_fingerprint(path: str) -> str | None:
+  """The fingerprint in `path`/done.json; None when absent, or damaged (one warning naming it:
+  the run counts as not done and its stage runs again, resuming from its checkpoints)."""
   marker = os.path.join(path, "done.json")
-  if not os.path.exists(marker):
-    return False
-  with open(marker) as f:
-    return json.load(f).get("fingerprint") == fp
+  obj, damage = _read_marker(marker)
+  if damage is not None:
+    st = os.stat(marker)
+    if (marker, st.st_mtime_ns, st.st_size) not in _warned:
+      _warned.add((marker, st.st_mtime_ns, st.st_size))
+      log.warning("%s: damaged (%s); treated as not done, the stage runs again", marker, damage)
+    return None
+  return None if obj is None else obj["fingerprint"]
+
+
+def is_done(path: str, fp: str) -> bool:
+  """Whether `path` holds a finished run of fingerprint `fp` (see `done_fingerprint`)."""
+  return done_fingerprint(path) == fp
 
 
 def mark_done(path: str, fp: str, **info: Any) -> None:
@@ -81,16 +118,19 @@ def start_run(path: str, fp: str) -> None:
   """
   marker = os.path.join(path, "run.json")
   if os.path.exists(path) and os.listdir(path):
-    old = None
-    if os.path.exists(marker):
-      with open(marker) as f:
-        old = json.load(f).get("fingerprint")
+    obj, damage = _read_marker(marker)
+    old = obj["fingerprint"] if obj is not None else None
     if old == fp:
       return
-    aside = f"{path}.stale-{old or 'unknown'}"
+    safe = old is not None and old.replace("-", "").replace("_", "").isalnum()
+    aside = f"{path}.stale-{old if safe else 'unknown'}"
     if os.path.exists(aside):
       aside += f"-{int(time.time())}"
-    log.warning("%s holds a run of another config; moved to %s", path, aside)
+    if damage is not None:
+      log.warning("%s: damaged (%s); its run is treated as another config's and moved to %s",
+                  marker, damage, aside)
+    else:
+      log.warning("%s holds a run of another config; moved to %s", path, aside)
     os.rename(path, aside)
   io_util.atomic_write_json(marker, {"fingerprint": fp})
 

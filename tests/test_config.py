@@ -110,7 +110,7 @@ def test_cli_missing_config_file_exits_2(tmp_path):
 
 
 def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
-  from first_jax import finetune, train
+  from first_jax import train, workspace
   path = lambda name: os.path.join(ROOT, "configs", f"{name}.py")  # noqa: E731
   demo = config_lib.load(["--config", path("demo") + ":seed=1"])
   full = config_lib.load(["--config", path("demo_full") + ":seed=1"])
@@ -119,21 +119,21 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   assert (demo.distill.epochs, full.distill.epochs, long.distill.epochs) == (1, 2, 4)
   assert len(set((demo.workdir, full.workdir, long.workdir))) == 3
   # run_demo_long.sh links demo_full's teacher in: the same fingerprint, or it would retrain
-  assert finetune.stage_fingerprint(long) == finetune.stage_fingerprint(full)
-  assert finetune.stage_fingerprint(demo) != finetune.stage_fingerprint(full)  # OOD sizes differ
+  assert workspace.teacher_fingerprint(long) == workspace.teacher_fingerprint(full)
+  assert workspace.teacher_fingerprint(demo) != workspace.teacher_fingerprint(full)  # OOD sizes
   for cfg in (demo, full, long):
     train.run_checks(cfg)  # every student name parses
 
 
 def test_trust_config_shares_one_teacher_across_student_seeds():
-  from first_jax import finetune, train
+  from first_jax import train, workspace
   path = os.path.join(ROOT, "configs", "trust.py")
   a = config_lib.load(["--config", path + ":seed=0"])
   b = config_lib.load(["--config", path + ":seed=2"])
   assert (a.seed, b.seed, a.distill.seed, b.distill.seed) == (0, 0, 0, 2)
   assert a.workdir != b.workdir
   # run_trust.sh links seed 0's teacher and store in: the same fingerprint, or it would retrain
-  assert finetune.stage_fingerprint(a) == finetune.stage_fingerprint(b)
+  assert workspace.teacher_fingerprint(a) == workspace.teacher_fingerprint(b)
   va, vb = (train.parse_variant("first", c) for c in (a, b))
   assert train.variant_fingerprint(a, va, 1.5) != train.variant_fingerprint(b, vb, 1.5)
   assert train.student_seed(a) == 0 and train.student_seed(b) == 2

@@ -262,17 +262,17 @@ def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path, ca
 
 
 def test_scoring_shortest_first_with_cut_padding_equals_full_padding(workdir):
-  from first_jax import evaluate, sharding
+  from first_jax import evaluate
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
   tok = workspace.tokenizer(cfg)
   arrays = workspace.load_data(cfg, tok).splits["test"]
   lengths = arrays["attention_mask"].sum(-1)
   buckets = (int(np.percentile(lengths, 30)) + 1, int(np.percentile(lengths, 70)) + 1)
   model = workspace.load_export(cfg, workspace.folder(cfg, "students", "first"))
-  fn = evaluate.scorer(model)
-  bs = sharding.batch_sharding(workspace.mesh(cfg))
-  full = evaluate.score(fn, model, arrays, 16, bs)
-  cut = evaluate.score(fn, model, arrays, 16, bs, buckets)
+  mesh = workspace.mesh(cfg)
+  fn = evaluate.scorer(model, mesh)
+  full = evaluate.score(fn, model, arrays, 16, mesh)
+  cut = evaluate.score(fn, model, arrays, 16, mesh, buckets)
   assert arrays["input_ids"].shape[1] > max(buckets)  # some batches really are cut
   for k in full:
     np.testing.assert_allclose(cut[k], full[k], rtol=1e-5, atol=1e-5)

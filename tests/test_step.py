@@ -7,7 +7,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from first_jax import models, step, temperature, trainer
+from first_jax import infer, models, step, temperature
 
 V, L, B = 97, 12, 4
 
@@ -42,8 +42,8 @@ def run_steps(model, spec, batch, n, teacher=None, lr=3e-3):
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(model.params, tx, seed=0)
   fn = jax.jit(functools.partial(
-      step.train_step, student_apply=trainer.model_apply(model.module),
-      teacher_apply=trainer.model_apply(teacher.module) if teacher else None, spec=spec, tx=tx))
+      step.train_step, student_apply=models.apply_fn(model.module),
+      teacher_apply=models.apply_fn(teacher.module) if teacher else None, spec=spec, tx=tx))
   losses = []
   for _ in range(n):
     state, m = fn(state, batch, teacher.params if teacher else None)
@@ -60,7 +60,7 @@ def test_ce_step_learns_a_fixed_batch():
 def test_answer_only_equals_full_positions(kind):
   """The head at the answer position only gives the same loss and gradients."""
   student, teacher, batch = tiny(0), tiny(1, layers=2), make_batch(2)
-  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
+  apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
   tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(student.params, tx, 0, initial_temperature=0.7)
@@ -82,8 +82,8 @@ def test_answer_only_equals_full_positions(kind):
 def test_offline_equals_online_on_the_same_batch(tail, mode):
   """Targets precomputed by the extraction step (offline) == teacher inside the step (online)."""
   student, teacher, batch = tiny(3), tiny(4, layers=2), make_batch(5)
-  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
-  targets = jax.jit(functools.partial(step.teacher_topk_step, apply=apply_t, k=5))(
+  apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
+  targets = jax.jit(functools.partial(infer.teacher_topk, apply=apply_t, k=5))(
       teacher.params, batch)
   tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
@@ -105,7 +105,7 @@ def test_online_search_buffers_events_and_starts_from_the_given_temperature():
   n_events = int(batch["loss_mask"].sum())
   spec = step.LossSpec(kind="topk_kd", online=True, search=True, temperature_mode="log_space",
                        search_events=64, search_min_events=n_events + 1)
-  apply_s, apply_t = trainer.model_apply(student.module), trainer.model_apply(teacher.module)
+  apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
   tx = step.make_optimizer(lr=1e-3, total_steps=3, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(student.params, tx, 0, initial_temperature=0.8,
@@ -152,7 +152,7 @@ def test_online_search_ends_within_ten_percent_of_the_offline_search():
   tx = step.make_optimizer(lr=1e-3, total_steps=16, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(student.params, tx, 0, events=step.event_buffer(2048, 5))
-  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(
+  fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
       student.module), teacher_apply=teacher_apply, spec=spec, tx=tx))
   for i in range(16):
     rows = slice(16 * i, 16 * (i + 1))
@@ -174,9 +174,9 @@ def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
 
 def test_answer_only_extraction_matches_full_at_the_answer_positions():
   teacher, batch = tiny(12, layers=2), make_batch(13)
-  apply = trainer.model_apply(teacher.module)
-  full = step.teacher_topk_step(teacher.params, batch, apply=apply, k=5)
-  sparse = step.teacher_topk_step(teacher.params, batch, apply=apply, k=5, answer_only=True)
+  apply = models.apply_fn(teacher.module)
+  full = infer.teacher_topk(teacher.params, batch, apply=apply, k=5)
+  sparse = infer.teacher_topk(teacher.params, batch, apply=apply, k=5, answer_only=True)
   rows, pos = np.arange(B), batch["answer_pos"]
   for key in full:
     assert sparse[key].shape == full[key].shape
@@ -189,7 +189,7 @@ def test_answer_only_extraction_matches_full_at_the_answer_positions():
 
 def test_non_finite_gradient_skips_the_update():
   student, batch = tiny(14), make_batch(15)
-  apply_s = trainer.model_apply(student.module)
+  apply_s = models.apply_fn(student.module)
   tx = step.make_optimizer(lr=1e-2, total_steps=4, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   spec = step.LossSpec(kind="topk_kd", temperature_mode=None)

@@ -4,7 +4,9 @@ import functools
 import jax
 import numpy as np
 
-from first_jax import textscore
+from first_jax import sharding, textscore
+
+MESH1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def _logsumexp(x, axis=-1):
@@ -49,7 +51,7 @@ def test_token_scores_equal_float64_reference_at_every_temperature():
   t_T = textscore.grid(0.5, 2.0, 5)
   assert 1.0 in t_T
   scores = textscore.score(_fake_scorer(t_T), _Model(logits_NxLxV), arrays, batch_size=3,
-                           batch_sharding=None, length_buckets=(8, 12))
+                           mesh=MESH1, length_buckets=(8, 12))
   at = arrays["loss_mask"] > 0
   rows, pos = np.nonzero(at)
   np.testing.assert_array_equal(scores["row"], rows)
@@ -71,7 +73,7 @@ def test_token_metrics_and_post_hoc_fit():
   # An over-confident model: the target is the top-1 only about half the time, but sharp.
   t_T = textscore.grid(0.25, 4.0, 17)
   scores = textscore.score(_fake_scorer(t_T), _Model(logits_NxLxV * 3), arrays, batch_size=8,
-                           batch_sharding=None)
+                           mesh=MESH1)
   j1 = int(np.flatnonzero(t_T == 1.0)[0])
   m = textscore.token_metrics(textscore.token_events(scores, t_T, j1), (10, 15))
   assert m["n"] == int((arrays["loss_mask"] > 0).sum()) and m["rows"] == 40
@@ -88,7 +90,7 @@ def test_choice_events_are_the_softmax_over_choice_loglikelihoods():
   label_N = np.array([2, 0, 1])
   t_T = textscore.grid(0.5, 2.0, 3)
   scores = textscore.score(_fake_scorer(t_T), _Model(logits_NxLxV), arrays, batch_size=4,
-                           batch_sharding=None)
+                           mesh=MESH1)
   j = 1
   lp_tok = -textscore.token_events(scores, t_T, j)["nll"]
   ll_R = np.array([lp_tok[scores["row"] == r].sum() for r in range(7)])

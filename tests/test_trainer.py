@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import data, preemption, step, trainer
+from first_jax import data, models, preemption, step, trainer
 from tests.test_step import make_batch, tiny
 
 
@@ -32,7 +32,7 @@ def run(folder, total, kill_after=None, sigterm_at=None):
   tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(model.params, tx, seed=0)
-  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(model.module),
+  fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(model.module),
                                  teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
   calls = {"n": 0}
 
@@ -98,7 +98,7 @@ def test_a_run_of_non_finite_steps_stops_with_one_line(tmp_path):
   tx = step.make_optimizer(lr=3e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   state = step.init_state(model.params, tx, seed=0)
-  fn = jax.jit(functools.partial(step.train_step, student_apply=trainer.model_apply(model.module),
+  fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(model.module),
                                  teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
   nan_params = jax.tree.map(lambda x: x * np.nan, model.params)
   # every step's gradient is non-finite: the loss is computed from NaN weights

@@ -10,7 +10,7 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -284,3 +284,16 @@ def trim_vocab(config: ModelConfig, params: Any, vocab_size: int) -> tuple[Model
   if "lm_head" in params:
     new_params["lm_head"] = params["lm_head"][:, :vocab_size]
   return config.replace(vocab_size=vocab_size), new_params
+
+
+def apply_fn(module) -> Callable:
+  """`apply(params, ids_BxL, mask_BxL)` -> logits; `hidden_only=True` -> final hidden states;
+  `apply(params, h_xD, head_only=True)` -> the output head on given hidden states."""
+  def apply(params, x, attention_mask_BxL=None, *, hidden_only=False, head_only=False):
+    variables = {"params": params}
+    if head_only:
+      return module.apply(variables, x, method=module.logits_from_hidden)
+    if hidden_only:
+      return module.apply(variables, x, attention_mask_BxL, method=module.hidden)
+    return module.apply(variables, x, attention_mask_BxL)
+  return apply

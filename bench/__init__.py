@@ -1,0 +1,1 @@
+"""Benchmarks and reports (not part of the installed package): `python -m bench.run`."""

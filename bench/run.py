@@ -1,0 +1,788 @@
+"""first_jax against what a user would run instead, side by side in one run (issue 11).
+
+    python -m bench.run --quick [--out FILE.json] [--only store,extraction,postforward,step]
+    python -m bench.run --full --out FILE.json        # the figures for docs/benchmarks.md
+
+Run from the repository root on a quiet machine: every section times first_jax and its baseline
+in the same process, warm-up calls first, then repetitions in which the two alternate (the order
+flips every repetition, so a slow drift of the machine hits both); the JSON keeps every time,
+the median and the spread (min, max, quartiles), the CPU model, core count, library versions,
+date, git commit and the exact shapes. Ratios measured in one run are the figures to quote.
+
+Sections (each a function `ctx, settings -> dict`):
+  store        bytes per stored token at k=5 for V = 49,152 and 151,936 (first_jax.store's
+               StoreSpec arithmetic) vs the reference code's JSONL (measured: real top-5 values
+               json-dumped as it does) and vs dense bf16 logits (2V B/position); bytes per
+               multiple-choice example (L=96, one scored position) vs storing every position;
+               the share of the teacher's probability mass inside its top-k on ordinary text
+  extraction   tokens/s of teacher forward + top-k over all positions: first_jax's extraction
+               program (infer.topk_program) vs transformers' PyTorch
+               model + log_softmax + batched torch.topk on the same weights (first_jax's HF
+               export loaded by AutoModelForCausalLM)
+  postforward  given the logits: first_jax's top-k + tail + packing + a store shard written with
+               StoreWriter vs the reference code's full log_softmax + Python loop of {id: value}
+               dicts + JSONL
+  step         one AdamW step, full-position cross-entropy (step.train_step kind="ce", jitted
+               with donation by trainer.compile_step, as training runs it) vs a PyTorch AdamW
+               step on the transformers model; MFU of each against the f32 matmul peak
+               measured in this run (jnp.dot / torch.mm of [n, n])
+
+Headline keys at the top of the JSON: store_bytes_per_token (V=151,936, L=512, P=256),
+extraction_speedup_vs_torch, postforward_speedup_vs_reference, step_speedup_vs_torch, step_mfu
+(a speedup > 1 means first_jax is faster). The teacher is SmolLM2-135M-Instruct (the project's
+`smollm2` asset, dequantised to float32); `--model DIR` takes any HF Llama-family folder instead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("store", "extraction", "postforward", "step")
+STORE_VOCABS = (49_152, 151_936)  # SmolLM2, Qwen2
+# (seq_len L, stored positions P) of the store layouts reported
+STORE_LAYOUTS = {
+    "multiple_choice": (96, 1),  # one answer position per example (what a store v2 keeps)
+    "multiple_choice_all_positions": (96, 96),  # every position stored (the old layout)
+    "text_responses": (512, 256),  # instruction data: half of each row is the response
+    "text_all_positions": (512, 512),
+}
+HEADLINE_STORE = (151_936, "text_responses")
+
+# A plain English paragraph, used when the botchan text asset cannot be fetched.
+EMBEDDED_TEXT = (
+    "The river runs slowly past the old mill, where the miller's family has lived for more than "
+    "a hundred years. In the spring the water rises and covers the lower fields, and the children "
+    "walk along the bank to watch the boats that carry timber down to the town. Their father "
+    "keeps a small book in which he writes the height of the water every morning, the weather, "
+    "and the names of the boats that pass. Nobody has ever asked to read it, but he says that one "
+    "day somebody will want to know how the river behaved in the years before the new bridge was "
+    "built. In the evening the family eats together in the kitchen. The mother talks about the "
+    "prices at the market, the eldest son about the horses, and the youngest daughter, who is "
+    "learning to read, spells out the words on the labels of the jars on the shelf. When the "
+    "lamps are lit the house feels smaller and warmer, and the sound of the wheel turning in the "
+    "dark becomes part of the silence. In winter the river freezes at the edges, the mill stops, "
+    "and the miller repairs the wooden teeth of the great gear, one by one, with tools that his "
+    "grandfather made. He works slowly and carefully, because a single broken tooth can stop the "
+    "whole machine, and he knows that the spring will come whether or not he is ready for it.")
+
+
+@dataclasses.dataclass
+class Settings:
+  mode: str  # quick | full
+  batch: int  # B of the extraction, post-forward and step batches
+  length: int  # L
+  warmup: int  # untimed calls of each function before the repetitions
+  reps: int  # timed, interleaved repetitions
+  mass_batches: int  # [B, L] text batches for the top-k mass share
+  peak_n: int  # size of the [n, n] f32 matmul that measures the peak
+  model: str = "smollm2"  # asset name, HF folder or .gguf
+  text: str = "botchan"  # botchan | embedded | random
+  k: int = 5
+  mass_k: int = 20  # the mass share is reported for k = 1, 5, 10, mass_k
+  lr: float = 1e-5
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  seed: int = 0
+
+
+MODES = {
+    # --quick: under 10 minutes on 2 quiet cores; smaller batch and length than the issue's table
+    "quick": dict(batch=4, length=64, warmup=1, reps=3, mass_batches=4, peak_n=2048),
+    # --full: the issue's shapes (real SmolLM2-135M, batch 8 x 128), more repetitions
+    "full": dict(batch=8, length=128, warmup=2, reps=7, mass_batches=16, peak_n=4096),
+}
+
+
+def log(msg: str) -> None:
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def spread(times_s: list[float]) -> dict[str, Any]:
+  t = np.asarray(times_s, np.float64)
+  q1, med, q3 = np.percentile(t, [25, 50, 75])
+  return {"median_s": float(med), "min_s": float(t.min()), "max_s": float(t.max()),
+          "q1_s": float(q1), "q3_s": float(q3), "n": int(t.size),
+          "times_s": [float(x) for x in t]}
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, dict]:
+  """Warm-up calls of each, then `reps` rounds calling each once; the order flips every round.
+
+  Each function must return only when its work is done (block on JAX arrays inside it).
+  The first warm-up call's time (compilation included for jitted code) is kept as `first_s`.
+  """
+  names = list(fns)
+  first: dict[str, float] = {}
+  for i in range(warmup):
+    for n in names:
+      t0 = time.perf_counter()
+      fns[n]()
+      if i == 0:
+        first[n] = time.perf_counter() - t0
+  times: dict[str, list[float]] = {n: [] for n in names}
+  for r in range(reps):
+    for n in (names if r % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      fns[n]()
+      times[n].append(time.perf_counter() - t0)
+  return {n: {**spread(times[n]), "first_s": first.get(n)} for n in names}
+
+
+def ratio(slow: float, fast: float) -> float:
+  return float(slow / fast) if fast > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _cpu() -> dict[str, Any]:
+  model, flags = platform.processor() or "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model in ("unknown", platform.processor()):
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+          if f in flags]
+  try:
+    available = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    available = os.cpu_count() or 1
+  return {"model": model, "logical_cores": os.cpu_count(), "cores_available": available,
+          "simd_flags": simd}
+
+
+def _git() -> dict[str, Any]:
+  def git(*args):
+    try:
+      return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                            check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+  status = git("status", "--porcelain", "--untracked-files=no")
+  return {"commit": git("rev-parse", "HEAD"),
+          "dirty": None if status is None else bool(status)}
+
+
+def _versions() -> dict[str, str | None]:
+  from importlib import metadata
+  out = {}
+  for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "ml_dtypes"):
+    try:
+      out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      out[dist] = None
+  out["python"] = platform.python_version()
+  return out
+
+
+def environment() -> dict[str, Any]:
+  import jax
+  return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "git": _git(), "cpu": _cpu(), "versions": _versions(), "platform": platform.platform(),
+          "jax_backend": jax.default_backend(),
+          "jax_devices": [str(d) for d in jax.devices()],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+# ----------------------------------------------------------------------------- model FLOPs
+
+
+def forward_flops(cfg, batch: int, length: int) -> dict[str, float]:
+  """Matmul FLOPs of one forward over [batch, length] tokens (2 per multiply-add).
+
+  Projections and MLP of every layer, the attention scores and weighted sum counted over all
+  `length` keys (PaLM's MFU convention; a causal kernel could skip half), the output head at
+  every position. Norms, RoPE, softmax and the embedding gather are not counted.
+  """
+  d, f, h, g, e = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                   cfg.head_dim)
+  per_token_layer = 2 * (d * h * e + 2 * d * g * e + h * e * d + 3 * d * f)
+  attention = 2 * 2 * length * h * e
+  head = 2 * d * cfg.vocab_size
+  tokens = batch * length
+  layers = cfg.num_layers * (per_token_layer + attention) * tokens
+  return {"layers": float(layers), "head": float(head * tokens),
+          "total": float(layers + head * tokens)}
+
+
+# ----------------------------------------------------------------------------- first_jax API
+
+
+def one_device_mesh():
+  """A (data, fsdp, tensor) = (1, 1, 1) mesh on the first device (the benchmarks are
+  single-device)."""
+  import jax
+  from first_jax import sharding
+  return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def apply_fn(module) -> Callable:
+  from first_jax import models
+  return models.apply_fn(module)
+
+
+def topk_program(module, k: int, mesh) -> tuple[Callable, str]:
+  """first_jax's extraction program at all positions, `fn(params, batch) -> {teacher_*}`, and
+  the call that built it."""
+  from first_jax import infer
+  return (infer.topk_program(module, k, False, mesh),
+          "infer.topk_program(module, k, answer_only=False, mesh)")
+
+
+def compile_train_step(module, params, spec, tx, mesh, seed: int) -> tuple[Any, Callable, str]:
+  """(initial state, jitted step, how): the state and step as training builds them."""
+  from first_jax import sharding, trainer
+  state, fn = trainer.compile_step(module, params, spec, tx, mesh, sharding.batch_sharding(mesh),
+                                   seed=seed)
+  return state, fn, "trainer.compile_step(module, params, spec, tx, mesh, batch_sharding)"
+
+
+# ----------------------------------------------------------------------------- context
+
+
+class Context:
+  """What the sections share, built on first use: the teacher in first_jax and in transformers
+  (from first_jax's own HF export of the same weights), the text tokens, the matmul peak."""
+
+  def __init__(self, s: Settings):
+    from bench import baselines_torch
+    self.s = s
+    self._tmp = tempfile.TemporaryDirectory(prefix="first_jax_bench-")
+    self.tmp = self._tmp.name
+    self.cores = _cpu()["cores_available"]
+    self._old_threads = baselines_torch.set_threads(self.cores)
+    self.setup_s: dict[str, float] = {}
+    self._cache: dict[str, Any] = {}
+    self.mesh = one_device_mesh()
+
+  def close(self) -> None:
+    from bench import baselines_torch
+    baselines_torch.set_threads(self._old_threads)
+    self._cache.clear()
+    self._tmp.cleanup()
+
+  def _once(self, key: str, build: Callable[[], Any]) -> Any:
+    if key not in self._cache:
+      t0 = time.perf_counter()
+      self._cache[key] = build()
+      self.setup_s[key] = round(time.perf_counter() - t0, 3)
+    return self._cache[key]
+
+  def source_path(self) -> str:
+    from first_jax import assets, config as config_lib
+    m = self.s.model
+    return str(assets.fetch(m)) if m in config_lib.MODEL_ASSETS else m
+
+  @property
+  def model(self):
+    """first_jax's Model (float32, scanned layers), placed on the one-device mesh."""
+    from first_jax import models
+
+    def build():
+      log(f"loading {self.s.model} into first_jax")
+      return models.load_pretrained(self.source_path(), dtype="float32", mesh=self.mesh)
+    return self._once("load_first_jax", build)
+
+  @property
+  def hf_dir(self) -> str:
+    """first_jax's HF export of the teacher (what the PyTorch baselines load)."""
+    from first_jax import models
+
+    def build():
+      path = os.path.join(self.tmp, "hf_export")
+      models.save_pretrained(self.model, path)
+      return path
+    return self._once("export_hf", build)
+
+  @property
+  def torch_model(self):
+    from bench import baselines_torch
+    return self._once("load_torch", lambda: baselines_torch.load_causal_lm(self.hf_dir))
+
+  @property
+  def text_source(self) -> str:
+    self.tokens  # noqa: B018 (resolves the source)
+    return self._cache["text_source"]
+
+  @property
+  def tokens(self) -> np.ndarray:
+    """int32 token ids of the text (a long 1-D stream)."""
+    def build():
+      s, vocab = self.s, self.model.config.vocab_size
+      if s.text == "random":
+        self._cache["text_source"] = "random ids (seeded)"
+        return np.random.default_rng(s.seed).integers(0, vocab, 1 << 16).astype(np.int32)
+      from first_jax import assets, tokenizer as tokenizer_lib
+      tok = tokenizer_lib.load(self.source_path())
+      text, source = EMBEDDED_TEXT, "embedded paragraph (bench/run.py), repeated"
+      if s.text == "botchan":
+        try:
+          with open(assets.fetch("botchan"), encoding="utf-8") as f:
+            raw = f.read()
+          start = raw.find("CHAPTER I")  # past the Project Gutenberg header
+          text = raw[start if start >= 0 else 0:]
+          source = "botchan (first_jax asset 'botchan': sentencepiece sdist test/botchan.txt)"
+        except Exception as e:  # noqa: BLE001 (offline: the embedded paragraph instead)
+          log(f"botchan unavailable ({e}); using the embedded paragraph")
+      ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
+      if ids.size and ids.max() >= vocab:
+        raise ValueError(f"tokenizer ids up to {ids.max()} exceed the model's vocab {vocab}")
+      self._cache["text_source"] = f"{source}; {ids.size} tokens"
+      return ids
+    return self._once("tokenize", build)
+
+  def windows(self, first: int, count: int, length: int) -> np.ndarray:
+    """[count, length] int32: consecutive non-overlapping windows of the text, from window
+    `first` on (wrapping around a short text)."""
+    t = self.tokens
+    idx = (np.arange(first * length, (first + count) * length) % t.size).reshape(count, length)
+    return t[idx]
+
+  def peak(self) -> dict[str, Any]:
+    """The f32 matmul rate of this machine, measured with jnp.dot and torch.mm, interleaved."""
+    def build():
+      import jax
+      import jax.numpy as jnp
+      from bench import baselines_torch
+      n = self.s.peak_n
+      log(f"matmul peak: f32 [{n}, {n}] @ [{n}, {n}]")
+      ka, kb = jax.random.split(jax.random.key(self.s.seed))
+      a = jax.random.normal(ka, (n, n), jnp.float32)
+      b = jax.random.normal(kb, (n, n), jnp.float32)
+      dot = jax.jit(jnp.dot)
+      fns = {"jax": lambda: dot(a, b).block_until_ready(),
+             "torch": baselines_torch.matmul(n, self.s.seed)}
+      t = interleaved(fns, max(1, self.s.warmup), max(3, self.s.reps))
+      flops = 2.0 * n ** 3
+      rate = {k: flops / v["median_s"] for k, v in t.items()}
+      return {"n": n, "flops": flops, "timings": t,
+              "flops_per_s": {k: float(v) for k, v in rate.items()},
+              "peak_flops_per_s": float(max(rate.values())),
+              "peak_is": "the faster of jnp.dot and torch.mm (median)"}
+    return self._once("matmul_peak", build)
+
+  def model_info(self) -> dict[str, Any]:
+    import jax
+    cfg = self.model.config
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.model.params))
+    return {"source": self.s.model, "config": {k: v for k, v in cfg.to_dict().items()},
+            "params": n}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def store_arithmetic(k: int = 5, vocabs=STORE_VOCABS, layouts=None) -> dict[str, Any]:
+  """Store sizes from first_jax.store's own StoreSpec (no data needed)."""
+  from first_jax import store
+  layouts = layouts or STORE_LAYOUTS
+  out = {}
+  for v in vocabs:
+    per = {}
+    for name, (length, positions) in layouts.items():
+      spec = store.StoreSpec(k=k, vocab_size=v, seq_len=length, positions=positions)
+      per[name] = {"seq_len": length, "positions": positions, "id_bits": spec.id_bits,
+                   "layout": {f: list(x) for f, x in spec.layout.items()},
+                   "bytes_per_example": store.bytes_per_example(spec),
+                   "bytes_per_scored_token": store.bytes_per_scored_token(spec)}
+    out[str(v)] = {"layouts": per, "dense_bf16_bytes_per_position": 2 * v}
+  return out
+
+
+def _mass_share(ctx: Context, s: Settings) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """Top-k over `mass_batches` text batches with first_jax's extraction program (k = mass_k).
+
+  Returns (the share summary, the top-`s.k` ids [N, L, k], their log-probs [N, L, k]).
+  """
+  import jax
+  from first_jax import sharding
+  params, module = ctx.model.params, ctx.model.module
+  fn, _ = topk_program(module, s.mass_k, ctx.mesh)
+  lps, ids = [], []
+  mask = np.ones((s.batch, s.length), np.int32)
+  for i in range(s.mass_batches):
+    x = ctx.windows(i * s.batch, s.batch, s.length)
+    dev = jax.device_put({"input_ids": x, "attention_mask": mask},
+                         sharding.batch_sharding(ctx.mesh))
+    out = jax.device_get(fn(params, dev))
+    lps.append(np.asarray(out["teacher_logprobs"], np.float32))
+    ids.append(np.asarray(out["teacher_ids"]))
+  lp, ids = np.concatenate(lps), np.concatenate(ids)
+  mass = np.cumsum(np.exp(lp.astype(np.float64)), axis=-1)  # [N, L, mass_k]
+  share = {}
+  for kk in sorted({1, s.k, 10, s.mass_k}):
+    if kk > s.mass_k:
+      continue
+    m = mass[..., kk - 1].reshape(-1)
+    share[str(kk)] = {"mean": float(m.mean()), "median": float(np.median(m)),
+                      "p10": float(np.percentile(m, 10)), "p25": float(np.percentile(m, 25)),
+                      "p90": float(np.percentile(m, 90)), "min": float(m.min())}
+  return {"positions": int(lp.shape[0] * lp.shape[1]), "windows": int(lp.shape[0]),
+          "window_length": s.length, "text": ctx.text_source,
+          "how": "teacher top-k log-probs (full-vocabulary normalised) at every position of "
+                 "consecutive text windows, no BOS; share = sum of the top-k probabilities",
+          "share_by_k": share}, ids[..., :s.k], lp[..., :s.k]
+
+
+def section_store(ctx: Context, s: Settings) -> dict[str, Any]:
+  from bench import baselines_torch
+  out: dict[str, Any] = {"k": s.k, "by_vocab": store_arithmetic(s.k)}
+  log("store: top-k mass share on text")
+  mass, real_ids, real_lp = _mass_share(ctx, s)
+  out["topk_mass_share"] = mass
+  n_pos = real_lp.shape[0] * real_lp.shape[1]
+  rng = np.random.default_rng(s.seed)
+  teacher_v = ctx.model.config.vocab_size
+  for v in STORE_VOCABS:
+    entry = out["by_vocab"][str(v)]
+    uniform_ids = rng.integers(0, v, real_ids.shape)
+    jsonl = {"uniform_ids": baselines_torch.jsonl_bytes(uniform_ids, real_lp) / n_pos}
+    if v == teacher_v:
+      jsonl["teacher_ids"] = baselines_torch.jsonl_bytes(real_ids, real_lp) / n_pos
+    entry["reference_jsonl_bytes_per_position"] = jsonl
+    entry["reference_jsonl_how"] = (
+        f"json.dumps of one list of {{token_id: logprob}} dicts per example row, values the "
+        f"teacher's real top-{s.k} log-probs as Python floats of float32 (.item()), ids "
+        "uniform over V ('uniform_ids') or the teacher's own ('teacher_ids', when its V is this "
+        f"one); {n_pos} positions")
+    text = entry["layouts"]["text_responses"]["bytes_per_scored_token"]
+    full = entry["layouts"]["text_all_positions"]["bytes_per_scored_token"]
+    worst_jsonl = min(jsonl.values())  # the smaller JSONL: the ratio is not overstated
+    entry["store_vs_reference_jsonl"] = {"text_responses": ratio(worst_jsonl, text),
+                                         "text_all_positions": ratio(worst_jsonl, full)}
+    entry["store_vs_dense_bf16"] = {"text_responses": ratio(2 * v, text),
+                                    "text_all_positions": ratio(2 * v, full)}
+    mc = entry["layouts"]["multiple_choice"]["bytes_per_example"]
+    mc_all = entry["layouts"]["multiple_choice_all_positions"]["bytes_per_example"]
+    entry["multiple_choice_bytes_per_example"] = {"scored_only": mc, "all_positions": mc_all,
+                                                  "ratio": ratio(mc_all, mc)}
+  v, layout = HEADLINE_STORE
+  out["headline"] = {"vocab": v, "layout": layout,
+                     **{k: out["by_vocab"][str(v)]["layouts"][layout][k]
+                        for k in ("seq_len", "positions", "bytes_per_scored_token")}}
+  return out
+
+
+def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
+  import jax
+  import torch
+  from bench import baselines_torch
+  from first_jax import sharding
+  b, l, k = s.batch, s.length, s.k
+  ids = ctx.windows(0, b, l)
+  mask = np.ones((b, l), np.int32)
+  params = ctx.model.params
+  fn, how = topk_program(ctx.model.module, k, ctx.mesh)
+  batch_sh = sharding.batch_sharding(ctx.mesh)
+  tmodel = ctx.torch_model
+  ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+  def first_jax():  # as extract.run_topk: host batch -> device, program, top-k back to host
+    dev = jax.device_put({"input_ids": ids, "attention_mask": mask}, batch_sh)
+    return jax.device_get(fn(params, dev))
+
+  def torch_fn():
+    return baselines_torch.extract(tmodel, ids_t, mask_t, k)
+
+  log(f"extraction: [{b}, {l}], warmup {s.warmup}, reps {s.reps}")
+  t = interleaved({"first_jax": first_jax, "torch": torch_fn}, s.warmup, s.reps)
+  a, r = first_jax(), torch_fn()
+  same = a["teacher_ids"] == r["ids"]
+  agree = {"top1_same_id": float(same[..., 0].mean()), "topk_same_ids": float(same.mean()),
+           "max_abs_logprob_diff_where_same": float(
+               np.abs(a["teacher_logprobs"] - r["logprobs"])[same].max()) if same.any() else None,
+           "max_abs_tail_diff": float(np.abs(a["teacher_tail"] - r["tail"]).max())}
+  flops = forward_flops(ctx.model.config, b, l)
+  tokens = b * l
+  out = {"shapes": {"input_ids": [b, l], "logits": [b, l, ctx.model.config.vocab_size],
+                    "topk": [b, l, k]},
+         "what": {"first_jax": f"{how}: forward + topk.extract in one jitted program; "
+                               "device_put in, device_get out",
+                  "torch": "transformers AutoModelForCausalLM (first_jax's HF export), "
+                           "torch.no_grad(), logits -> log_softmax -> batched torch.topk -> tail"},
+         "torch_attn_implementation": baselines_torch.attn_implementation(tmodel),
+         "timings": t,
+         "tokens_per_s": {n: tokens / v["median_s"] for n, v in t.items()},
+         "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
+         "forward_flops": flops, "agreement": agree}
+  peak = ctx.peak()["peak_flops_per_s"]
+  out["mfu"] = {n: flops["total"] / v["median_s"] / peak for n, v in t.items()}
+  return out
+
+
+def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
+  import jax
+  import torch
+  from bench import baselines_torch
+  from first_jax import step, store
+  b, l, k = s.batch, s.length, s.k
+  v = ctx.model.config.vocab_size
+  ids = ctx.windows(0, b, l)
+  logits = baselines_torch.logits(ctx.torch_model, ids, np.ones((b, l), np.int32))
+  logits_dev = jax.block_until_ready(jax.device_put(logits))  # "given logits": on the device
+  logits_t = torch.from_numpy(logits)
+  topk = jax.jit(functools.partial(step.teacher_topk, k=k))
+  folder = os.path.join(ctx.tmp, "postforward_store")
+  spec = store.StoreSpec(k=k, vocab_size=v, seq_len=l, positions=l)  # every position scored
+  writer = store.StoreWriter(folder, spec)
+  example_idx, scored = np.arange(b), np.ones((b, l), bool)
+  jsonl_path = os.path.join(ctx.tmp, "reference.jsonl")
+  held: dict[str, Any] = {}
+
+  def top_only():
+    held["top"] = jax.device_get(topk(logits_dev))
+
+  def write_only():
+    top = held["top"]
+    writer.write_shard(0, example_idx, ids, top["teacher_ids"], top["teacher_logprobs"],
+                       top["teacher_tail"], scored)
+
+  def first_jax():
+    top_only()
+    write_only()
+
+  def reference():
+    baselines_torch.reference_postforward(logits_t, k, jsonl_path)
+
+  log(f"postforward: logits [{b}, {l}, {v}], warmup {s.warmup}, reps {s.reps}")
+  t = interleaved({"first_jax": first_jax, "reference": reference,
+                   "first_jax_topk_only": top_only, "first_jax_write_only": write_only},
+                  s.warmup, s.reps)
+  written = {"first_jax_store": store.store_size_bytes(folder),
+             "reference_jsonl": os.path.getsize(jsonl_path)}
+  return {"shapes": {"logits": [b, l, v], "topk": [b, l, k], "store_positions": l},
+          "what": {"first_jax": "jit(step.teacher_topk) on device logits -> device_get -> "
+                                "StoreWriter.write_shard (bit packing, float16, sha256, "
+                                "atomic shard + manifest)",
+                   "reference": "torch.log_softmax over V, batched torch.topk, Python loop over "
+                                "positions building {id: logprob} dicts with .item(), "
+                                "json.dumps per example row to a JSONL file",
+                   "first_jax_topk_only / first_jax_write_only": "the two halves of first_jax"},
+          "timings": t,
+          "positions_per_s": {n: b * l / x["median_s"] for n, x in t.items()},
+          "speedup_vs_reference": ratio(t["reference"]["median_s"], t["first_jax"]["median_s"]),
+          "bytes_written": written,
+          "bytes_per_position": {n: x / (b * l) for n, x in written.items()}}
+
+
+def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from bench import baselines_torch
+  from first_jax import sharding, step
+  b, l = s.batch, s.length
+  w = ctx.windows(0, b, l + 1)  # L + 1 tokens: inputs and their next tokens
+  batch = {"input_ids": w[:, :-1].copy(), "attention_mask": np.ones((b, l), np.int32),
+           "targets": w[:, 1:].copy(), "loss_mask": np.ones((b, l), np.float32)}
+  peak = ctx.peak()  # before the big allocations
+  opt = dict(lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm, b1=s.b1, b2=s.b2,
+             eps=s.eps)
+  # first_jax, as trainer.train_model builds it (constant lr: no warmup, a long decay)
+  tx = step.make_optimizer(total_steps=1_000_000, warmup_ratio=0.0, **opt)
+  # the state is donated: a copy of the ctx's params, in the same layout
+  params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params)
+  state, step_fn, how = compile_train_step(ctx.model.module, params, step.LossSpec(kind="ce"),
+                                           tx, ctx.mesh, s.seed)
+  del params
+  batch_sh = sharding.batch_sharding(ctx.mesh)
+  holder: dict[str, Any] = {"state": state, "loss": []}
+  del state
+
+  def first_jax():  # as trainer.fit: put_batch (device_put over the batch sharding), step
+    st, metrics = step_fn(holder["state"], jax.device_put(batch, batch_sh), None)
+    holder["state"] = jax.block_until_ready(st)
+    if len(holder["loss"]) < 1:
+      total, count = jax.device_get(metrics["loss"])
+      holder["loss"].append(float(total / max(count, 1.0)))
+
+  # PyTorch: its own copy of the same export (the step changes the weights)
+  tmodel = baselines_torch.load_causal_lm(ctx.hf_dir, train=True)
+  tstep = baselines_torch.TrainStep(tmodel, **opt)
+  tb = {k: torch.from_numpy(v.astype(np.float32 if k == "loss_mask" else np.int64))
+        for k, v in batch.items()}
+  tloss: list[float] = []
+
+  def torch_fn():
+    loss = tstep(tb["input_ids"], tb["attention_mask"], tb["targets"], tb["loss_mask"])
+    if not tloss:
+      tloss.append(loss)
+
+  log(f"step: [{b}, {l}], warmup {s.warmup}, reps {s.reps}")
+  t = interleaved({"first_jax": first_jax, "torch": torch_fn}, s.warmup, s.reps)
+  fwd = forward_flops(ctx.model.config, b, l)
+  train_flops = 3.0 * fwd["total"]  # backward = 2 x forward
+  out = {"shapes": {"input_ids": [b, l], "logits": [b, l, ctx.model.config.vocab_size]},
+         "what": {"first_jax": f"{how}, spec=LossSpec(kind='ce'), tx=step.make_optimizer"
+                               "(...); device_put of the batch included",
+                  "torch": "transformers model.train(), zero_grad, forward, masked token-mean "
+                           "cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.step"},
+         "optimizer": opt, "torch_attn_implementation": baselines_torch.attn_implementation(tmodel),
+         "loss_at_first_step": {"first_jax": holder["loss"][0] if holder["loss"] else None,
+                                "torch": tloss[0] if tloss else None},
+         "timings": t,
+         "tokens_per_s": {n: b * l / v["median_s"] for n, v in t.items()},
+         "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
+         "train_flops_per_step": train_flops,
+         "flops_convention": "3 x forward matmul FLOPs (bench.run.forward_flops)",
+         "peak_flops_per_s": peak["peak_flops_per_s"],
+         "mfu": {n: train_flops / v["median_s"] / peak["peak_flops_per_s"]
+                 for n, v in t.items()}}
+  holder.clear()
+  del tstep, tmodel
+  gc.collect()
+  return out
+
+
+SECTION_FNS = {"store": section_store, "extraction": section_extraction,
+               "postforward": section_postforward, "step": section_step}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(s: Settings, only: tuple[str, ...] = SECTIONS,
+        argv: list[str] | None = None) -> dict[str, Any]:
+  t0 = time.perf_counter()
+  argv = sys.argv[1:] if argv is None else argv
+  result: dict[str, Any] = {
+      "benchmark": "first_jax vs PyTorch/transformers and the FIRST reference code (issue 11)",
+      "command": " ".join(["python", "-m", "bench.run", *argv]),
+      "settings": dataclasses.asdict(s), "sections_run": list(only), "meta": environment()}
+  ctx = Context(s)
+  try:
+    result["meta"]["torch_threads"] = ctx.cores
+    sections: dict[str, Any] = {}
+    for name in only:
+      ts = time.perf_counter()
+      sections[name] = SECTION_FNS[name](ctx, s)
+      sections[name]["section_wall_s"] = round(time.perf_counter() - ts, 3)
+      log(f"{name}: done in {sections[name]['section_wall_s']:.1f} s")
+    if "matmul_peak" in ctx._cache:
+      sections["matmul_peak"] = ctx.peak()
+    result["sections"] = sections
+    result["model"] = ctx.model_info() if "load_first_jax" in ctx._cache else None
+    result["text"] = ctx._cache.get("text_source")
+    result["setup_s"] = ctx.setup_s
+  finally:
+    ctx.close()
+  sec = result["sections"]
+  result["store_bytes_per_token"] = (sec["store"]["headline"]["bytes_per_scored_token"]
+                                     if "store" in sec else None)
+  result["extraction_speedup_vs_torch"] = sec.get("extraction", {}).get("speedup_vs_torch")
+  result["postforward_speedup_vs_reference"] = sec.get("postforward", {}).get(
+      "speedup_vs_reference")
+  result["step_speedup_vs_torch"] = sec.get("step", {}).get("speedup_vs_torch")
+  result["step_mfu"] = sec.get("step", {}).get("mfu", {}).get("first_jax")
+  result["not_in_this_harness"] = {
+      "search_speedup_vs_numpy": "issue 11 item 4 (temperature search), not built yet",
+      "loss_memory_ratio_vs_naive": "issue 11 item 5 (loss memory), not built yet"}
+  result["meta"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+  # Another process on the cores: torch's OpenMP barriers then wait for descheduled threads
+  # (observed: ~20 ms per parallel region), and every figure of the run is contaminated.
+  cores = result["meta"]["cpu"]["cores_available"]
+  start = result["meta"]["load_avg_start"]
+  result["meta"]["machine_busy_at_start"] = bool(start and start[0] > 0.5 * cores)
+  result["meta"]["wall_s"] = round(time.perf_counter() - t0, 3)
+  return result
+
+
+def summary(r: dict[str, Any]) -> str:
+  def f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+  lines = [f"store B/token (V=151,936)     {f(r['store_bytes_per_token'], '.2f')}",
+           f"extraction speedup vs torch   {f(r['extraction_speedup_vs_torch'], '.2f')}x",
+           f"post-forward vs reference     {f(r['postforward_speedup_vs_reference'], '.1f')}x",
+           f"step speedup vs torch         {f(r['step_speedup_vs_torch'], '.2f')}x",
+           f"step MFU (first_jax)          {f(r['step_mfu'], '.1%')}",
+           f"wall                          {r['meta']['wall_s']:.0f} s"]
+  if r["meta"].get("machine_busy_at_start"):
+    lines.append(f"WARNING: load average {r['meta']['load_avg_start'][0]:.1f} on "
+                 f"{r['meta']['cpu']['cores_available']} cores at the start: timings contaminated")
+  return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str | None]:
+  ap = argparse.ArgumentParser(prog="python -m bench.run",
+                               description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  mode = ap.add_mutually_exclusive_group(required=True)
+  mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
+                    help=f"small shapes, few repetitions (< 10 min on 2 cores): {MODES['quick']}")
+  mode.add_argument("--full", action="store_const", const="full", dest="mode",
+                    help=f"the issue's shapes, for docs/benchmarks.md: {MODES['full']}")
+  ap.add_argument("--out", help="write the JSON here (else it is printed on stdout)")
+  ap.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
+  ap.add_argument("--model", help="teacher: asset name (smollm2), HF folder or .gguf")
+  ap.add_argument("--text", choices=("botchan", "embedded", "random"))
+  for name in ("batch", "length", "warmup", "reps", "mass_batches", "peak_n"):
+    ap.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
+                    help="override the mode's value")
+  a = ap.parse_args(argv)
+  values = dict(MODES[a.mode])
+  for name in ("batch", "length", "warmup", "reps", "mass_batches", "peak_n"):
+    if getattr(a, name) is not None:
+      values[name] = getattr(a, name)
+  if a.model:
+    values["model"] = a.model
+  if a.text:
+    values["text"] = a.text
+  s = Settings(mode=a.mode, **values)
+  for name in ("batch", "length", "reps", "mass_batches", "peak_n"):
+    if getattr(s, name) < 1:
+      ap.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(s, name)}")
+  if s.warmup < 1:  # the first call compiles: never timed
+    ap.error(f"--warmup: expected >= 1, got {s.warmup}")
+  only = SECTIONS
+  if a.only:
+    only = tuple(x.strip() for x in a.only.split(",") if x.strip())
+    bad = [x for x in only if x not in SECTIONS]
+    if bad or not only:
+      ap.error(f"--only: unknown section(s) {bad} (expected some of {','.join(SECTIONS)})")
+  return s, only, a.out
+
+
+def main(argv: list[str] | None = None) -> int:
+  s, only, out = parse(argv)
+  result = run(s, only, argv)
+  text = json.dumps(result, indent=1, sort_keys=False)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(text + "\n")
+    log(f"wrote {out}")
+  else:
+    print(text)
+  print(summary(result), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""bench/run.py (python -m bench.run): every section end to end on a tiny random model, the
+JSON keys, and the store-size arithmetic by hand. No timing assertions (shared, noisy CPUs)."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADLINE_KEYS = ("store_bytes_per_token", "extraction_speedup_vs_torch",
+                 "postforward_speedup_vs_reference", "step_speedup_vs_torch", "step_mfu")
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  return importlib.import_module("bench.run")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+  """A tiny random Llama (tied embeddings, GQA) saved by transformers."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=True)
+  d = tmp_path_factory.mktemp("tiny_llama")
+  transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+  return str(d)
+
+
+def _hand_record_bytes(k, v, length, positions):
+  bits = math.ceil(math.log2(v))  # V is not a power of two here
+  return (8 + 8 + math.ceil(length / 8) + math.ceil(positions * k * bits / 8)
+          + 2 * positions * k + 2 * positions)
+
+
+def test_store_arithmetic_matches_hand_computation(bench_run):
+  out = bench_run.store_arithmetic(k=5)
+  for v in (49_152, 151_936):
+    for name, (length, positions) in bench_run.STORE_LAYOUTS.items():
+      got = out[str(v)]["layouts"][name]
+      want = _hand_record_bytes(5, v, length, positions)
+      assert got["bytes_per_example"] == want, (v, name)
+      assert got["bytes_per_scored_token"] == pytest.approx(want / positions)
+    assert out[str(v)]["dense_bf16_bytes_per_position"] == 2 * v
+  # 18-bit ids at V=151,936: (16 + 64 + 2880 + 2560 + 512) / 256
+  assert out["151936"]["layouts"]["text_responses"]["bytes_per_scored_token"] == 6032 / 256
+  assert out["49152"]["layouts"]["text_responses"]["bytes_per_scored_token"] == 5712 / 256
+  assert out["49152"]["layouts"]["multiple_choice"]["bytes_per_example"] == 50
+
+
+def test_reference_jsonl_format():
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  from bench import baselines_torch
+  row = baselines_torch.jsonl_row(np.array([[7, 3]]), np.array([[-0.5, -0.1]], np.float32))
+  # values are float32 numbers printed as Python floats, as .item() gives them
+  assert row == '[{"7": -0.5, "3": -0.10000000149011612}]\n'
+  assert baselines_torch.jsonl_bytes(np.zeros((2, 1, 2), int), np.zeros((2, 1, 2))) == 2 * len(
+      '[{"0": 0.0}]\n')  # equal ids collapse into one key, as in a dict
+
+
+def test_interleaved_alternates_and_summarises(bench_run):
+  calls = []
+  t = bench_run.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                            warmup=1, reps=3)
+  assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+  for name in ("a", "b"):
+    assert t[name]["n"] == 3 and len(t[name]["times_s"]) == 3
+    assert t[name]["min_s"] <= t[name]["median_s"] <= t[name]["max_s"]
+    assert t[name]["first_s"] is not None
+
+
+def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
+  out = tmp_path / "bench.json"
+  code = bench_run.main(["--quick", "--model", tiny_hf_dir, "--text", "random", "--batch", "2",
+                         "--length", "8", "--warmup", "1", "--reps", "1", "--mass-batches", "2",
+                         "--peak-n", "32", "--out", str(out)])
+  assert code == 0
+  r = json.loads(out.read_text())
+  for key in HEADLINE_KEYS:
+    assert isinstance(r[key], float) and np.isfinite(r[key]), key
+  assert r["store_bytes_per_token"] == 6032 / 256
+  assert set(r["sections"]) == {"store", "extraction", "postforward", "step", "matmul_peak"}
+  meta = r["meta"]
+  for key in ("date_utc", "git", "cpu", "versions", "jax_backend", "wall_s", "torch_threads"):
+    assert key in meta
+  assert meta["cpu"]["cores_available"] >= 1
+  assert {"jax", "flax", "torch", "transformers"} <= set(meta["versions"])
+  assert r["settings"]["batch"] == 2 and r["settings"]["length"] == 8
+  assert r["model"]["config"]["vocab_size"] == 320
+
+  st = r["sections"]["store"]
+  assert st["topk_mass_share"]["positions"] == 2 * 2 * 8
+  share = st["topk_mass_share"]["share_by_k"]
+  assert 0 < share["1"]["mean"] <= share["5"]["mean"] <= share["20"]["mean"] <= 1 + 1e-6
+  jsonl = st["by_vocab"]["151936"]["reference_jsonl_bytes_per_position"]["uniform_ids"]
+  assert 5 * len('"123456": -1.0, ') < jsonl < 200  # five keys with float values
+  ex = r["sections"]["extraction"]
+  assert ex["shapes"]["input_ids"] == [2, 8] and ex["shapes"]["logits"] == [2, 8, 320]
+  # the same weights on both sides (first_jax's export loaded by transformers)
+  assert ex["agreement"]["top1_same_id"] == 1.0
+  assert ex["agreement"]["max_abs_logprob_diff_where_same"] < 1e-3
+  for name in ("first_jax", "torch"):
+    assert ex["timings"][name]["n"] == 1 and ex["tokens_per_s"][name] > 0
+  pf = r["sections"]["postforward"]
+  assert set(pf["timings"]) == {"first_jax", "reference", "first_jax_topk_only",
+                                "first_jax_write_only"}
+  assert pf["bytes_written"]["reference_jsonl"] > pf["bytes_written"]["first_jax_store"] > 0
+  sp = r["sections"]["step"]
+  losses = sp["loss_at_first_step"]
+  assert losses["first_jax"] == pytest.approx(losses["torch"], rel=1e-4)
+  assert sp["train_flops_per_step"] > 0 and sp["mfu"]["torch"] > 0
+
+
+def test_only_and_bad_arguments(bench_run):
+  with pytest.raises(SystemExit):
+    bench_run.parse(["--quick", "--only", "store,nope"])
+  with pytest.raises(SystemExit):
+    bench_run.parse(["--quick", "--full"])
+  s, only, out = bench_run.parse(["--full", "--only", "step,store", "--reps", "2"])
+  assert only == ("step", "store") and s.reps == 2 and s.batch == 8 and out is None
