@@ -48,7 +48,10 @@ FIGURES = {"reliability_in_domain": ("eval", "reliability_in_domain.png"),
            "calibration_prob_softmax": ("store", "calibration_prob_softmax.png"),
            "calibration_log_space": ("store", "calibration_log_space.png"),
            "topk_mass": ("store", "topk_mass.png")}
-SCORING_TEXT = {"choices": "confidence = probability of the most likely answer letter, softmax "
+SCORING_TEXT = {"tokens": "every response token is an event (text data): confidence = the model's "
+                          "top-1 next-token probability, correct = the top-1 is the next token "
+                          "(bootstrap over tokens)",
+                "choices": "confidence = probability of the most likely answer letter, softmax "
                            "over the letters",
                 "vocab": "confidence = full-vocabulary top-1 probability, correct = the top-1 "
                          "token is the gold letter (full-vocabulary top-1)"}
@@ -94,6 +97,8 @@ def load_run(path: str) -> dict:
           "scoring": res.get("scoring", ev.get("scoring")), "in_domain": res.get("in_domain"),
           "events": ev["events"], "calibration": manifest["calibration"],
           "store": {"bytes": size, "k": manifest["k"], "seq_len": manifest["seq_len"],
+                    "positions": manifest.get("positions", manifest["seq_len"]),
+                    "scored_tokens": manifest.get("scored_tokens"),
                     "logprob_dtype": manifest["logprob_dtype"],
                     "records": sum(s["num_records"] for s in manifest["shards"])},
           "timings": timings}
@@ -494,7 +499,8 @@ def premise_text(summary: dict, seeds: list[dict]) -> str:
   return (f"FIRST's premise (the fine-tuned teacher is over-confident on held-out data, so the "
           f"searched log_space temperature is above 1): teacher validation confidence "
           f"{_f(p['teacher_val_confidence'])} vs accuracy {_f(p['teacher_val_accuracy'])} "
-          f"(ECE {_f(ece0)}, {summary['n']['val']} validation questions); searched t: "
+          f"(ECE {_f(ece0)}, {summary['n']['val']} validation "
+          f"{'response tokens' if summary['scoring'] == 'tokens' else 'questions'}); searched t: "
           f"log_space {_f(p['t_log_space'])}, prob_softmax {_f(p['t_prob_softmax'])} "
           f"({tail} tail). The premise **{verdict}**"
           + ("" if len(seeds) == 1 else " (all seeds)") + ".")
@@ -561,17 +567,42 @@ def topk_table(seeds: list[dict]) -> str:
 
 
 def store_table(seeds: list[dict]) -> str:
-  lines = ["| seed | records | positions | k | dtype | bytes | B/position | B/record |",
-           "|---|---|---|---|---|---|---|---|"]
+  """Store size per seed: per record (example) and per stored (scored) token where known."""
+  lines = ["| seed | records | length L | slots P | k | dtype | bytes | B/record | scored tokens "
+           "| B/scored token |", "|---|---|---|---|---|---|---|---|---|---|"]
   for s in seeds:
     st = s.get("store")
     if not st:
       continue
-    rec = max(st["records"], 1)
-    lines.append(f"| {s['tag']} | {st['records']} | {st['seq_len']} | {st['k']} | "
-                 f"{st['logprob_dtype']} | {st['bytes']} | "
-                 f"{st['bytes'] / (rec * st['seq_len']):.2f} | {st['bytes'] / rec:.1f} |")
+    rec, tokens = max(st["records"], 1), st.get("scored_tokens")
+    per_token = f"{st['bytes'] / tokens:.1f}" if tokens else "-"
+    lines.append(f"| {s['tag']} | {st['records']} | {st['seq_len']} | "
+                 f"{st.get('positions', st['seq_len'])} | {st['k']} | {st['logprob_dtype']} | "
+                 f"{st['bytes']} | {st['bytes'] / rec:.1f} | {tokens or '-'} | {per_token} |")
   return "\n".join(lines)
+
+
+def choice_table(seeds: list[dict], rows: list[str]) -> str | None:
+  """Choice tasks scored beside text data (`choice:<task>` sets), mean over seeds."""
+  sets = sorted({k for s in seeds for r in s["results"].values() for k in r
+                 if k.startswith("choice:")})
+  if not sets:
+    return None
+  head = "| row | " + " | ".join(f"{t[len('choice:'):]} {m}" for t in sets
+                                   for m in ("accuracy", "ECE", "NLL")) + " |"
+  lines = [head, "|---|" + "---|" * (3 * len(sets))]
+  for r in rows:
+    vals = []
+    for t in sets:
+      for m in ("accuracy", "ece", "nll"):
+        v = [s["results"][r][t][m] for s in seeds if r in s["results"] and t in s["results"][r]]
+        vals.append(_f(_mean(v)) if v else "-")
+    lines.append(f"| {r} | " + " | ".join(vals) + " |")
+  n = next(s["results"][r][t]["n"] for s in seeds for r in s["results"] for t in sets
+           if t in s["results"][r])
+  return "\n".join(lines) + f"\n\n{n} questions each; a choice's score is the log-likelihood " \
+      "of its text after the prompt, softmax over the choices (no interval: one seed's point " \
+      "estimates)."
 
 
 def timings_table(seeds: list[dict]) -> str:
@@ -592,13 +623,14 @@ def render(summary: dict, seeds: list[dict], title: str, name: str, out: str,
   rows = list(summary["rows"])
   scoring = summary["scoring"] or "choices"
   n = summary["n"]
+  unit = "response tokens" if scoring == "tokens" else "questions"
   ood = ", ".join(f"{t} {k}" for t, k in n["ood_per_task"].items()) or "none"
   B = summary["bootstrap"]
   lines = [
       f"# Results: {title}", "",
       f"Config `{summary['config']}`; {len(seeds)} student seed(s): "
-      f"{', '.join(summary['seeds'])}. Sizes: {n['val']} validation questions (teacher "
-      f"calibration), {n['test']} in-domain test questions, out-of-domain {ood}. Scoring "
+      f"{', '.join(summary['seeds'])}. Sizes: {n['val']} validation {unit} (teacher "
+      f"calibration), {n['test']} in-domain test {unit}, out-of-domain {ood}. Scoring "
       f"`{scoring}`: {SCORING_TEXT.get(scoring, scoring)}. Accuracy and ECE are recomputed from "
       f"the per-example events; ECE uses 10 equal-width bins (bin m holds confidences in "
       f"(m/10, (m+1)/10], float32 edges, as first_jax.calibration.ece); OOD = mean over the "
@@ -624,8 +656,10 @@ def render(summary: dict, seeds: list[dict], title: str, name: str, out: str,
       "Temperature of each `+ts` row, fitted on validation (NLL).", "",
       posthoc_table(seeds, rows), "",
       "## Concentrated knowledge", "",
-      "Mean teacher probability mass inside its top-k at the validation answer positions "
+      f"Mean teacher probability mass inside its top-k at the validation {unit} "
       "(mean over seeds):", "", topk_table(seeds), "",
+      *(["## Choice tasks beside the text data", "", choice_table(seeds, rows), ""]
+        if choice_table(seeds, rows) else []),
       "## Store and wall-clock", "", store_table(seeds), "", timings_table(seeds), "",
       "## Figures (first seed)", ""]
   figs = [f for f in FIGURES

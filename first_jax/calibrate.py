@@ -9,9 +9,15 @@ full vocabulary (+ tail bin), correct = it is the gold letter. `temperature.sear
 student trains with the temperature searched for its own); the premise check (is the teacher
 over-confident?), the ECE-vs-temperature curves and the share of probability mass inside the
 top-k for k = 1..20 ("concentrated knowledge") go into the store manifest and PNGs.
+
+Done-check: the manifest's `calibration_fingerprint` (written in the same atomic update as the
+calibration block) is the `fingerprint` of the store the calibration was made for (its teacher,
+data and k) and of the config keys the search reads; a re-run whose fingerprint matches logs
+"calibrate: done already" and does nothing. `resume=false` calibrates again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -19,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, cli, infer, losses, plots, store, temperature
+from first_jax import calibration, cli, distributed, infer, losses, plots, store, temperature
 from first_jax import workspace
 from first_jax.errors import UserError
 
@@ -89,10 +95,62 @@ def premise(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, searches: dict, tail: s
   return out
 
 
+FINGERPRINT = "calibration_fingerprint"  # top-level store manifest key beside `calibration`
+
+
+def fingerprint(cfg, manifest: dict) -> str:
+  """What a calibration depends on: the store it was made for (its teacher, data and k, as the
+  manifest records them) and the config keys the search and its scoring read."""
+  return workspace.fingerprint(
+      (manifest.get("teacher") or {}).get("fingerprint"), manifest.get("data_fingerprint"),
+      manifest.get("k"), cfg.extract.k, cfg.calibrate, cfg.evaluate.scoring, cfg.distill.tail,
+      cfg.data.kind)
+
+
+def _manifest(cfg) -> dict | None:
+  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return m if isinstance(m, dict) else None
+
+
+def is_done(cfg, data_fingerprint: str | None = None) -> bool:
+  """Whether the store's manifest holds a calibration of this config: a complete store of this
+  config's teacher (and, when given, of this data fingerprint) whose calibration_fingerprint
+  matches `fingerprint`."""
+  m = _manifest(cfg)
+  if not (m and m.get("complete") and m.get("calibration")):
+    return False
+  if (m.get("teacher") or {}).get("fingerprint") != workspace.teacher_fingerprint(cfg):
+    return False
+  if data_fingerprint is not None and m.get("data_fingerprint") != data_fingerprint:
+    return False
+  return m.get(FINGERPRINT) == fingerprint(cfg, m)
+
+
+def _check_premise(cfg, check: dict) -> None:
+  if cfg.calibrate.require_premise and not check["holds"]:
+    raise UserError(f"calibrate.require_premise: the teacher is not over-confident on validation "
+                    f"(confidence {check['teacher_val_confidence']:.4f}, accuracy "
+                    f"{check['teacher_val_accuracy']:.4f}, log_space t {check['t_log_space']:.3g}"
+                    f"); fine-tune it longer (finetune.epochs) or set the key to false")
+
+
 def run(cfg) -> dict:
   out = workspace.folder(cfg, "store")
   store.StoreReader(out, verify=False)  # a clear error if extract has not written the store
   tok = workspace.tokenizer(cfg)
+  if not cfg.resume:
+    log.info("calibrate: resume=false, calibrating again")
+  elif is_done(cfg, workspace.data_fingerprint(cfg, tok)):
+    m = _manifest(cfg)
+    log.info("calibrate: done already (%s, %s %s)", os.path.join(out, store.MANIFEST),
+             FINGERPRINT, m[FINGERPRINT])
+    _check_premise(cfg, m["calibration"]["premise"])
+    return m["calibration"]
   data = workspace.load_data(cfg, tok)
   teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
   val = data.splits["validation"]
@@ -112,7 +170,8 @@ def run(cfg) -> dict:
   searches = run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, num_bins=nb,
                           refine=cfg.calibrate.refine)
   tail = cfg.distill.tail
-  for mode in temperature.MODES:
+  main = jax.process_index() == 0  # every process holds the gathered events; process 0 writes
+  for mode in temperature.MODES if main else ():
     res = searches[store.search_key(mode, tail)]
     plots.temperature_curve(os.path.join(out, f"calibration_{mode}.png"),
                             np.asarray(res["temperatures"]), np.asarray(res["ece"]),
@@ -126,20 +185,21 @@ def run(cfg) -> dict:
       "teacher_top1_accuracy": float(np.mean(ids_NxK[:, 0] == gold_N)),
       "topk_mass_mean": mass_NxR.mean(axis=0).tolist(),  # k = 1..k_report
   }
-  plots.histogram(os.path.join(out, "topk_mass.png"), mass_NxR[:, k - 1], 20,
-                  f"teacher probability mass inside the top-{k}",
-                  f"concentrated knowledge (validation {'response tokens' if text else 'answers'})")
-  store.update_manifest(out, calibration=block)
+  m = _manifest(cfg) or {}
+  if main:
+    plots.histogram(os.path.join(out, "topk_mass.png"), mass_NxR[:, k - 1], 20,
+                    f"teacher probability mass inside the top-{k}",
+                    f"concentrated knowledge (validation "
+                    f"{'response tokens' if text else 'answers'})")
+    # the block and its done-marker in one atomic manifest update: they cannot disagree
+    store.update_manifest(out, calibration=block, **{FINGERPRINT: fingerprint(cfg, m)})
+  distributed.sync("calibrate: manifest written")
   verdict = "HOLDS" if check["holds"] else "DOES NOT HOLD"
   log.info("premise %s: teacher validation confidence %.4f vs accuracy %.4f (%s scoring, %d "
            "events); searched log_space t=%.4g (%s)", verdict, check["teacher_val_confidence"],
            check["teacher_val_accuracy"], scoring, len(gold_N),
            check["t_log_space"], "softens" if check["t_log_space"] > 1 else "sharpens")
-  if cfg.calibrate.require_premise and not check["holds"]:
-    raise UserError(f"calibrate.require_premise: the teacher is not over-confident on validation "
-                    f"(confidence {check['teacher_val_confidence']:.4f}, accuracy "
-                    f"{check['teacher_val_accuracy']:.4f}, log_space t {check['t_log_space']:.3g}"
-                    f"); fine-tune it longer (finetune.epochs) or set the key to false")
+  _check_premise(cfg, check)
   return block
 
 

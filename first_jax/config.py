@@ -2,6 +2,10 @@
 
     python -m first_jax.train --config configs/smoke.py:variant --config.distill.tail=renormalize
 
+`base()` holds every key and its default; `SCHEMA` (next to it) says what each key means, what it
+may hold and which stages read it. `validate()` checks every key against the schema (unknown
+keys, types, allowed values, ranges) and then the rules that tie keys together; `--help` and
+docs/config.md (`python -m first_jax.config --markdown`) are generated from the same schema.
 Overrides are typed by the default they replace; unknown keys, wrong types, missing files and
 impossible values are `UserError`s naming the key. The result is locked: stages read it, never
 write it.
@@ -9,9 +13,11 @@ write it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -55,10 +61,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     if isinstance(default, str):
       return text
     if isinstance(default, (tuple, list)):
-      value = ast.literal_eval(text) if text.strip() else ()
-      if not isinstance(value, (tuple, list)):
-        value = (value,)
-      return kind(value)
+      return kind(_parse_sequence(key, text))
     if default is None:
       try:
         return ast.literal_eval(text)
@@ -66,7 +69,61 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
         return text
   except (ValueError, SyntaxError):
     pass
-  raise UserError(f"config.{key}: expected {kind.__name__}, got {text!r}")
+  name = type_name(key) if key in SCHEMA else kind.__name__
+  raise UserError(f"config.{key}: expected {name}, got {text!r}")
+
+
+def _item_type(key: str) -> type | None:
+  spec = SCHEMA.get(key)
+  return spec.item if spec is not None else None
+
+
+def _parse_sequence(key: str, text: str) -> tuple:
+  """A tuple from `(a, b)` / `[a, b]` (a Python literal) or `a,b` (a comma list: strings, or
+  numbers where the key holds numbers); an empty text or `()` is the empty tuple."""
+  item = _item_type(key)
+  body = text.strip()
+  if body[:1] in ("(", "["):
+    value = ast.literal_eval(body)
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  else:
+    parts = _split_commas(body)
+    if parts and not parts[-1]:  # a trailing comma: `a,`
+      parts = parts[:-1]
+    value = tuple(_parse_item(p, item) for p in parts) if body else ()
+  if item is not None and not all(_is_type(v, item) for v in value):
+    raise ValueError
+  return value
+
+
+def _split_commas(text: str) -> list[str]:
+  """`a, 'b,c', d` -> ["a", "'b,c'", "d"]: commas inside quotes do not split."""
+  parts, quote, start = [], None, 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch == ",":
+      parts.append(text[start:i].strip())
+      start = i + 1
+  return parts + [text[start:].strip()]
+
+
+def _parse_item(text: str, item: type | None) -> Any:
+  if text[:1] in ("'", '"'):
+    return ast.literal_eval(text)
+  if item is str:
+    return text
+  if item is int:
+    return int(text)
+  try:  # float items keep ints as ints (a count in a grid); no declared type: best guess
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if item is not None:
+      raise
+    return text
+  return value
 
 
 def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
@@ -141,27 +198,29 @@ MODEL_ASSETS = ("smollm2",)
 TOKENIZER_ASSETS = ("gpt2", "smollm2")
 
 
-def _check_model_source(cfg: ml_collections.ConfigDict, who: str) -> None:
-  block = cfg[who]
-  _require(block.init in ("random", "pretrained", "layer_subset"), f"{who}.init",
-           "one of random, pretrained, layer_subset", block.init)
+def _check_model_source(cfg: ml_collections.ConfigDict, who: str, check_paths: bool) -> None:
+  block = cfg[who]  # `init` itself is checked against the schema
   if block.init == "layer_subset":  # layers of the pre-trained teacher
     _require(who == "student" and cfg.teacher.init == "pretrained", f"{who}.init",
              "layer_subset only for the student of a pre-trained teacher", block.init)
     return
-  if block.init != "random" and block.path not in MODEL_ASSETS:
-    _require(os.path.exists(block.path), f"{who}.path",
-             "an existing HF model directory, .gguf file or asset name", block.path)
+  if check_paths and block.init != "random" and block.path not in MODEL_ASSETS:
+    _require(os.path.exists(block.path), f"{who}.path", _expected(f"{who}.path"), block.path)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Start-up checks of the values every stage relies on (one clear line each)."""
+def validate(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
+  """Start-up checks of the values every stage relies on (one clear line each).
+
+  First every key against `SCHEMA` (`check_keys`: unknown keys, types, allowed values, ranges),
+  then the rules that tie keys together or need the outside world (device count, vocabulary,
+  split fractions, text-only rules, files). `check_paths=False` skips the existence of data,
+  tokenizer and model files (for planning a run on another machine).
+  """
   import jax  # local: keep `--help`-style failures fast
 
+  check_keys(cfg)
   mesh = cfg.mesh
-  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-  for name, size in zip(("data", "fsdp", "tensor"), sizes):
-    _require(size == -1 or size >= 1, f"mesh.{name}", "a positive size or -1 (fill)", size)
+  sizes = [mesh.data, mesh.fsdp, mesh.tensor]  # each: a size >= 1 or -1 (schema)
   _require(sizes.count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
   n = jax.device_count()
   fixed = 1
@@ -173,94 +232,39 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(fixed == n, "mesh", f"data*fsdp*tensor == {n} devices", sizes)
 
   k = cfg.extract.k
-  _require(k >= 1, "extract.k", "an integer >= 1", k)
   vocab = cfg.teacher.model.vocab_size if "model" in cfg.teacher else None
   if vocab:
     _require(k <= vocab, "extract.k", f"<= the vocabulary size {vocab}", k)
-  for block in ("finetune", "distill"):
-    o = cfg[block]
-    _require(math.isfinite(o.lr) and o.lr > 0, f"{block}.lr", "a finite positive learning rate",
-             o.lr)
-    for key in ("batch_size", "epochs", "grad_accum"):
-      _require(o[key] >= 1, f"{block}.{key}", "an integer >= 1", o[key])
-    _require(0 <= o.warmup_ratio < 1, f"{block}.warmup_ratio", "0 <= value < 1", o.warmup_ratio)
-    _require(o.weight_decay >= 0, f"{block}.weight_decay", "a value >= 0", o.weight_decay)
-    _require(o.clip_norm > 0, f"{block}.clip_norm", "a value > 0", o.clip_norm)
-    _require(0 <= o.label_smoothing < 1, f"{block}.label_smoothing", "0 <= value < 1",
-             o.label_smoothing)
-  _require(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32)", cfg.seed)
-  _require(cfg.extract.logprob_dtype in ("float16", "bfloat16"), "extract.logprob_dtype",
-           "float16 or bfloat16", cfg.extract.logprob_dtype)
-  for key in ("batch_size", "shard_size"):
-    _require(cfg.extract[key] >= 1, f"extract.{key}", "an integer >= 1", cfg.extract[key])
-  _require(cfg.evaluate.batch_size >= 1, "evaluate.batch_size", "an integer >= 1",
-           cfg.evaluate.batch_size)
-  nb = cfg.evaluate.num_bins
-  _require(len(nb) >= 1 and all(isinstance(b, int) and b >= 1 for b in nb), "evaluate.num_bins",
-           "a non-empty tuple of bin counts >= 1", nb)
-  _require(cfg.calibrate.num_bins >= 1, "calibrate.num_bins", "an integer >= 1",
-           cfg.calibrate.num_bins)
-  _require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "an integer >= 1",
-           cfg.checkpoint.every_steps)
-  _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
-  _require(cfg.log_every_steps >= 1, "log_every_steps", "an integer >= 1", cfg.log_every_steps)
-  _require(cfg.data.num_examples >= 0, "data.num_examples", "0 (all) or a count",
-           cfg.data.num_examples)
-  _require(cfg.data.num_ood_examples >= 0, "data.num_ood_examples", "0 (all) or a count",
-           cfg.data.num_ood_examples)
-  _require(cfg.distill.direction in ("forward", "reverse", "jsd"), "distill.direction",
-           "forward, reverse or jsd", cfg.distill.direction)
-  _require(cfg.distill.temperature_mode in ("prob_softmax", "log_space"),
-           "distill.temperature_mode", "prob_softmax or log_space", cfg.distill.temperature_mode)
   t = cfg.distill.temperature
   if t not in ("calibrated", "search"):
     try:
       ok = math.isfinite(float(t)) and float(t) > 0
     except (TypeError, ValueError):
       ok = False
-    _require(ok, "distill.temperature", "calibrated, search or a positive number", t)
+    _require(ok, "distill.temperature", _expected("distill.temperature"), t)
   if "model" in cfg.student and cfg.student.init == cfg.teacher.init == "random":
     _require(cfg.student.model.vocab_size == cfg.teacher.model.vocab_size,
              "student.model.vocab_size", f"the teacher's vocabulary size "
              f"{cfg.teacher.model.vocab_size} (the top-k ids index both)",
              cfg.student.model.vocab_size)
-  _require(cfg.calibrate.mode in ("prob_softmax", "log_space"), "calibrate.mode",
-           "prob_softmax or log_space", cfg.calibrate.mode)
-  _require(cfg.evaluate.scoring in ("choices", "vocab"), "evaluate.scoring", "choices or vocab",
-           cfg.evaluate.scoring)
   d = cfg.distill
-  _require(d.seed >= -1, "distill.seed", "-1 (the run's seed) or a seed >= 0", d.seed)
-  _require(d.search_events >= 1, "distill.search_events", "an integer >= 1", d.search_events)
   _require(0 <= d.search_min_events <= d.search_events, "distill.search_min_events",
            "0 <= value <= distill.search_events", d.search_min_events)
-  _require(0.0 <= d.temperature_ema < 1.0, "distill.temperature_ema", "0 <= value < 1",
-           d.temperature_ema)
   _require(all(isinstance(b, int) and 2 <= b <= cfg.data.max_len for b in d.length_buckets),
            "distill.length_buckets", f"lengths between 2 and data.max_len ({cfg.data.max_len})",
            d.length_buckets)
-  _require(cfg.distill.tail in ("bucket", "renormalize"), "distill.tail",
-           "bucket or renormalize", cfg.distill.tail)
-  _require(cfg.distill.mode in ("offline", "online"), "distill.mode", "offline or online",
-           cfg.distill.mode)
   split = cfg.data.validation + cfg.data.test
   _require(cfg.data.validation > 0 and cfg.data.test > 0 and split < 1, "data.validation",
            "validation and test fractions > 0 summing to < 1", (cfg.data.validation, cfg.data.test))
-  _require(cfg.data.loss_on in ("response", "all"), "data.loss_on", "response or all",
-           cfg.data.loss_on)
-  _require(cfg.data.kind in ("choice", "text"), "data.kind", "choice or text", cfg.data.kind)
-  _require(cfg.data.on_bad_example in ("error", "skip"), "data.on_bad_example", "error or skip",
-           cfg.data.on_bad_example)
   _require("{answer}" in cfg.data.answer_template, "data.answer_template",
-           "a template with an {answer} field", cfg.data.answer_template)
+           _expected("data.answer_template"), cfg.data.answer_template)
   g = tuple(cfg.evaluate.post_hoc_grid)
   _require(len(g) == 3 and all(isinstance(x, (int, float)) for x in g) and 0 < g[0] < g[1]
            and int(g[2]) == g[2] >= 2, "evaluate.post_hoc_grid",
-           "(lowest t > 0, highest t, number of points >= 2)", cfg.evaluate.post_hoc_grid)
+           _expected("evaluate.post_hoc_grid"), cfg.evaluate.post_hoc_grid)
   if cfg.data.kind == "text":
     _require(cfg.data.loss_on == "response", "data.loss_on",
              "response for data.kind=text (prompt tokens are never distilled)", cfg.data.loss_on)
-    _require(cfg.data.source in ("synthetic", "bigbench", "hf"), "data.source",
-             "synthetic, bigbench or hf", cfg.data.source)
     bad = [s for s in cfg.students if s.partition("@")[0] == "sft_ls-choices"]
     _require(not bad, "students", "no sft_ls-choices for data.kind=text (no answer letters)",
              bad)
@@ -268,19 +272,109 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(not cfg.evaluate.choice_tasks, "evaluate.choice_tasks",
              "() for data.kind=choice (its own task is the choice task)",
              cfg.evaluate.choice_tasks)
-  _require(cfg.data.source in ("synthetic", "bigbench", "hf"), "data.source",
-           "synthetic, bigbench or hf", cfg.data.source)
   looks_local = cfg.data.task.endswith((".json", ".jsonl", ".parquet", ".csv"))
-  if cfg.data.source in ("bigbench", "hf") and looks_local:
+  if check_paths and cfg.data.source in ("bigbench", "hf") and looks_local:
     _require(os.path.exists(cfg.data.task), "data.task", "an existing data file", cfg.data.task)
-  if cfg.tokenizer not in TOKENIZER_ASSETS and not os.path.exists(cfg.tokenizer):
+  if check_paths and cfg.tokenizer not in TOKENIZER_ASSETS and not os.path.exists(cfg.tokenizer):
     raise UserError(f"config.tokenizer: expected an existing tokenizer dir/file or an asset "
                     f"name (gpt2, smollm2), got {cfg.tokenizer!r}")
   for who in ("teacher", "student"):
-    _check_model_source(cfg, who)
-  for path in cfg.evaluate.models:
-    _require(os.path.exists(path), "evaluate.models", "existing HF model dirs or .gguf files",
-             path)
+    _check_model_source(cfg, who, check_paths)
+  for path in cfg.evaluate.models if check_paths else ():
+    _require(os.path.exists(path), "evaluate.models", _expected("evaluate.models"), path)
+
+
+# ----------------------------------------------------------------------------- schema checks
+
+
+_MISSING = object()
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of every non-block key of `cfg`, in its order."""
+  out = {}
+  for name, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(leaves(value, f"{prefix}{name}."))
+    else:
+      out[f"{prefix}{name}"] = value
+  return out
+
+
+def blocks(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted names of every block (ConfigDict) of `cfg`, parents first."""
+  out = []
+  for name, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += [f"{prefix}{name}"] + blocks(value, f"{prefix}{name}.")
+  return out
+
+
+def _is_type(value: Any, kind: type) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, kind)
+
+
+def _type_ok(key: str, value: Any) -> bool:
+  spec = SCHEMA[key]
+  if spec.types:
+    return any(_is_type(value, t) for t in spec.types)
+  kind = _default_type(key)
+  if kind is tuple:
+    return isinstance(value, (tuple, list)) and (
+        spec.item is None or all(_is_type(v, spec.item) for v in value))
+  return _is_type(value, kind)
+
+
+def _in_range(spec: "Key", x: Any) -> bool:
+  if x in spec.also and not isinstance(x, bool):
+    return True
+  if spec.finite and not math.isfinite(x):
+    return False
+  if spec.lo is not None and not (x > spec.lo if spec.lo_open else x >= spec.lo):
+    return False
+  if spec.hi is not None and not (x < spec.hi if spec.hi_open else x <= spec.hi):
+    return False
+  return not (isinstance(x, float) and math.isnan(x))
+
+
+def check_key(key: str, value: Any) -> None:
+  """One key against its schema entry: type, then allowed values / range (UserError)."""
+  spec = SCHEMA[key]
+  _require(_type_ok(key, value), key, type_name(key), value)
+  items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if isinstance(value, (tuple, list)):
+    _require(len(items) >= spec.min_len, key, spec.expected(key), value)
+  if spec.choices:
+    _require(all(v in spec.choices for v in items), key, spec.expected(key), value)
+  if spec.has_range:
+    _require(all(_in_range(spec, v) for v in items), key, spec.expected(key), value)
+
+
+def check_keys(cfg: ml_collections.ConfigDict) -> None:
+  """Every key of `cfg` is a key of `base()`, of its type and in its allowed values / range."""
+  for key in leaves(cfg):
+    if key not in SCHEMA:
+      raise UserError(f"config.{key}: unknown key (not in first_jax.config.base(); see "
+                      f"docs/config.md)")
+  for key in SCHEMA:
+    value = _get(cfg, key)
+    if value is not _MISSING:
+      check_key(key, value)
 
 
 def model_block(**fields: Any) -> ml_collections.ConfigDict:
@@ -301,6 +395,9 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.resume = True  # continue from the latest checkpoint / finished store shards
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
+  # A parameter dimension its mesh axes do not divide (e.g. 9 heads on tensor=2): error, or
+  # replicate it along that dimension (more memory per device, with a warning naming it).
+  c.mesh.on_indivisible = "error"
   c.tokenizer = "gpt2"  # asset name (gpt2, smollm2), HF tokenizer dir, tokenizer.json or .gguf
 
   c.data = ml_collections.ConfigDict(dict(
@@ -389,3 +486,510 @@ def base() -> ml_collections.ConfigDict:
   # Student variants the pipeline trains and evaluates (see first_jax/pipeline.py).
   c.students = ("sft", "kd", "first")
   return c
+
+
+# ----------------------------------------------------------------------------- schema
+
+# The stages that read config keys, in pipeline order (`pipeline` runs them all, so reads all).
+STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
+_ALL = STAGES
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One key of `base()`: what it means, what it may hold, which stages read it.
+
+  The type is the default's (`types` where several are accepted; `item`: the type of a tuple's
+  items). `choices` (allowed values) and the range (`lo`/`hi`, open ends, `finite`, `also`:
+  values allowed outside it; for a tuple, of each item; `min_len`: its fewest items) are checked
+  by `check_key`; `allowed` words them where the generated wording would not do, or describes a
+  rule `validate` checks itself.
+  """
+  doc: str
+  stages: tuple[str, ...]
+  choices: tuple = ()
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  finite: bool = False
+  also: tuple = ()
+  item: type | None = None
+  min_len: int = 0
+  allowed: str = ""
+  types: tuple[type, ...] = ()
+
+  @property
+  def has_range(self) -> bool:
+    return self.lo is not None or self.hi is not None or self.finite
+
+  def expected(self, key: str) -> str:
+    """The allowed values in words ("" where any value of the type will do)."""
+    if self.allowed:
+      return self.allowed
+    if self.choices:
+      return _or(self.choices)
+    if not self.has_range:
+      return ""
+    whole = (self.item or _default_type(key)) is int
+    lo_op, hi_op = (">" if self.lo_open else ">="), ("<" if self.hi_open else "<=")
+    if self.lo is not None and self.hi is not None:
+      text = (f"{_num(self.lo)} {'<' if self.lo_open else '<='} value {hi_op} "
+              f"{_num(self.hi)}")
+    elif self.lo is not None:
+      text = f"{'an integer' if whole else 'a value'} {lo_op} {_num(self.lo)}"
+    elif self.hi is not None:
+      text = f"{'an integer' if whole else 'a value'} {hi_op} {_num(self.hi)}"
+    else:
+      text = "a finite value"
+    if self.also:
+      text += f" or {_or(self.also)}"
+    return text
+
+
+def _or(values: Sequence[Any]) -> str:
+  words = [str(v) for v in values]
+  return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _num(x: float) -> str:
+  return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+_MODEL_DOC = "(init=random only: a pre-trained model brings its own)"
+# The fields of a model block (first_jax.models.ModelConfig), shared by teacher and student.
+_MODEL_FIELDS = dict(
+    model_type=Key(f"architecture family {_MODEL_DOC}", (),
+                   choices=("llama", "qwen2", "mistral")),
+    vocab_size=Key(f"vocabulary size, >= the tokenizer's; the student's equals the teacher's "
+                   f"(the top-k ids index both) {_MODEL_DOC}", (), lo=1),
+    hidden_size=Key(f"model width {_MODEL_DOC}", (), lo=1),
+    intermediate_size=Key(f"SwiGLU MLP width {_MODEL_DOC}", (), lo=1),
+    num_layers=Key(f"decoder layers {_MODEL_DOC}", (), lo=1),
+    num_heads=Key(f"query heads {_MODEL_DOC}", (), lo=1),
+    num_kv_heads=Key(f"key/value heads (grouped-query attention; divides num_heads) {_MODEL_DOC}",
+                     (), lo=1),
+    head_dim=Key(f"width of each attention head (even) {_MODEL_DOC}", (), lo=2),
+    rope_theta=Key(f"RoPE base frequency {_MODEL_DOC}", (), lo=0, lo_open=True),
+    rms_norm_eps=Key(f"epsilon of the RMS norms {_MODEL_DOC}", (), lo=0, lo_open=True),
+    tie_word_embeddings=Key(f"the output head shares the embedding matrix {_MODEL_DOC}", ()),
+    attention_bias=Key(f"q/k/v projections with a bias {_MODEL_DOC}", ()),
+    max_position_embeddings=Key(f"longest position the model supports {_MODEL_DOC}", (), lo=1),
+    dtype=Key("compute dtype (applies to pre-trained models too)", (),
+              choices=("float32", "bfloat16")),
+    param_dtype=Key("parameter dtype (applies to pre-trained models too)", (),
+                    choices=("float32", "bfloat16")),
+    remat=Key("recompute each layer's activations in the backward pass: less memory, more "
+              "compute (applies to pre-trained models too)", ()),
+    scan_layers=Key(f"`nn.scan` over the layers: one compiled layer, stacked parameters "
+                    f"{_MODEL_DOC}", ()),
+)
+
+# The optimizer fields of `finetune` (the teacher) and `distill` (the students).
+_OPTIM_FIELDS = dict(
+    lr=Key("peak learning rate (AdamW; linear warmup, then cosine decay to 0)", (), lo=0,
+           lo_open=True, finite=True, allowed="a finite positive learning rate"),
+    epochs=Key("passes over the training split", (), lo=1),
+    batch_size=Key("rows per step over all devices (an update takes batch_size * grad_accum "
+                   "rows)", (), lo=1),
+    grad_accum=Key("steps whose gradients are accumulated into one update", (), lo=1),
+    warmup_ratio=Key("share of the updates spent warming the learning rate up from 0", (), lo=0,
+                     hi=1, hi_open=True),
+    weight_decay=Key("AdamW weight decay", (), lo=0),
+    clip_norm=Key("gradients clipped to this global norm", (), lo=0, lo_open=True),
+    b1=Key("AdamW beta1", (), lo=0, hi=1, hi_open=True),
+    b2=Key("AdamW beta2", (), lo=0, hi=1, hi_open=True),
+    eps=Key("AdamW epsilon", (), lo=0, lo_open=True),
+)
+
+
+def _with_stages(key: Key, stages: tuple[str, ...]) -> Key:
+  return dataclasses.replace(key, stages=stages)
+
+
+def _block(prefix: str, fields: dict[str, Key], stages: tuple[str, ...]) -> dict[str, Key]:
+  return {f"{prefix}.{name}": _with_stages(key, stages) for name, key in fields.items()}
+
+
+_STUDENT = ("train", "evaluate")
+_TEACHER_RUN = ("finetune", "extract", "train", "evaluate")  # + in the teacher's fingerprint
+
+# Every key of base() (dotted; grouped as base() writes them). tests/test_config.py checks
+# that the two name the same keys.
+SCHEMA: dict[str, Key] = {
+    "workdir": Key("everything a run writes: one folder per stage (see docs/design.md)", _ALL),
+    "seed": Key("the run's seed: data subsample and splits, choice shuffling, initialisation, "
+                "batch order", _ALL, lo=0, hi=2**32, hi_open=True,
+                allowed="an integer in [0, 2**32)"),
+    "resume": Key("true: skip finished stages and continue from the latest checkpoint "
+                  "(training runs resume their data position too); false: start over, the "
+                  "pipeline moving each stage's folder aside to <dir>.old-<unix time>",
+                  ("finetune", "extract", "calibrate", "train", "evaluate")),
+    "mesh.data": Key("data-parallel axis of the device mesh; -1: the remaining devices", _ALL,
+                     lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
+    "mesh.fsdp": Key("parameter-sharding (FSDP) axis of the device mesh; -1: the remaining "
+                     "devices", _ALL, lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
+    "mesh.tensor": Key("tensor-parallel axis of the device mesh; -1: the remaining devices",
+                       _ALL, lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
+    "mesh.on_indivisible": Key("a parameter dimension that its mesh axes do not divide (e.g. 9 "
+                               "heads on tensor=2): error (naming the parameter) or replicate "
+                               "(that one dimension, with a warning)", _ALL,
+                               choices=("error", "replicate")),
+    "tokenizer": Key("the tokenizer of teacher and student: an asset name (gpt2, smollm2), a HF "
+                     "tokenizer folder, a tokenizer.json or a .gguf", _ALL,
+                     allowed="gpt2, smollm2 or an existing path"),
+    # data
+    "data.kind": Key("choice: multiple choice, one answer-letter token scored; text: "
+                     "prompt/response pairs, every response token scored (instruction data, "
+                     "generative BIG-bench tasks, or a choice task phrased as text through "
+                     "data.answer_template)", _ALL, choices=("choice", "text")),
+    "data.source": Key("where examples come from: synthetic (generated), bigbench (a BIG-bench "
+                       "task) or hf (HF `datasets`: a local file or a hub name)", _ALL,
+                       choices=("synthetic", "bigbench", "hf")),
+    "data.task": Key("the in-domain task: a BIG-bench task name (e.g. "
+                     "multiemo/hotels_sentence_en) or task.json path for bigbench; a local "
+                     ".json/.jsonl/.parquet/.csv file or a hub dataset name for hf", _ALL),
+    "data.hf_split": Key("source=hf: the split read (the run's own train/validation/test "
+                         "splits are made from it)", _ALL),
+    "data.hf_fields.input": Key("kind=choice, source=hf: the column of the question", _ALL),
+    "data.hf_fields.choices": Key("kind=choice, source=hf: the column of the answer options (a "
+                                  "list, or {\"text\": [...]}), or a list of columns, one per "
+                                  "choice (CSV)", _ALL, types=(str, list)),
+    "data.hf_fields.label": Key("kind=choice, source=hf: the column of the gold answer (an "
+                                "index, a letter, or the text of one choice)", _ALL),
+    "data.text_fields.prompt": Key("kind=text, source=hf: the column of the prompt (the "
+                                   "defaults read Alpaca-style JSONL as it is)", _ALL),
+    "data.text_fields.context": Key("kind=text, source=hf: the column of the prompt's optional "
+                                    "context, joined after a blank line", _ALL),
+    "data.text_fields.response": Key("kind=text, source=hf: the column of the response", _ALL),
+    "data.answer_template": Key("kind=text: a choice example (BIG-bench target_scores, "
+                                "synthetic, evaluate.choice_tasks) becomes the response "
+                                "answer_template.format(answer=<choice text>), e.g. "
+                                "\"Sentiment: {answer}\"", _ALL,
+                                allowed="a template with an {answer} field"),
+    "data.on_bad_example": Key("kind=text: a record without prompt or response is an error or "
+                               "is skipped", _ALL, choices=("error", "skip")),
+    "data.use_task_prefix": Key("BIG-bench: put the task's task_prefix before each input", _ALL),
+    "data.ood_tasks": Key("tasks evaluated out-of-domain (same source and kind as data.task)",
+                          _ALL, item=str),
+    "data.num_examples": Key("in-domain examples used: 0 all, else a seeded subsample", _ALL,
+                             lo=0, allowed="0 (all) or a count"),
+    "data.num_ood_examples": Key("examples per out-of-domain task (and per "
+                                 "evaluate.choice_tasks task): 0 all, else a seeded subsample",
+                                 _ALL, lo=0, allowed="0 (all) or a count"),
+    "data.validation": Key("share of the examples in the validation split (disjoint from the "
+                           "others, recorded in data/split.json; train is the rest)", _ALL,
+                           allowed="> 0, with data.test summing to < 1"),
+    "data.test": Key("share of the examples in the test split", _ALL,
+                     allowed="> 0, with data.validation summing to < 1"),
+    "data.max_len": Key("one padded sequence length (each step compiles once); longer examples "
+                        "are truncated, with a warning counting them", _ALL, lo=2),
+    "data.loss_on": Key("tokens that carry the loss: response (the answer / the response) or "
+                        "all (plain language modelling; kind=choice only)", _ALL,
+                        choices=("response", "all")),
+    "data.use_chat_template": Key("wrap each prompt in the tokenizer's chat template", _ALL),
+    "data.shuffle_choices": Key("shuffle each question's choices (BIG-bench lists the gold "
+                                "choice first); keep false for a fixed label set", _ALL),
+    "data.synthetic_size": Key("source=synthetic: number of generated questions", _ALL, lo=1),
+    "data.synthetic_kind": Key("source=synthetic: the kind of toy question (see "
+                               "first_jax.sources.synthetic_mcqa)", _ALL,
+                               choices=("numbers", "categories")),
+    # teacher / student
+    "teacher.init": Key("random (a new model from teacher.model) or pretrained (from "
+                        "teacher.path), then fine-tuned", _TEACHER_RUN,
+                        choices=("random", "pretrained")),
+    "teacher.path": Key("init=pretrained: a local HF model folder (config.json + safetensors), "
+                        "a .gguf file or an asset name (smollm2)", _TEACHER_RUN,
+                        allowed="an existing HF model directory, .gguf file or asset name"),
+    **_block("teacher.model", _MODEL_FIELDS, _ALL),
+    "student.init": Key("random (from student.model), pretrained (from student.path) or "
+                        "layer_subset (student.layers of the PRE-TRAINED teacher, with its "
+                        "embeddings and head)", _STUDENT,
+                        choices=("random", "pretrained", "layer_subset")),
+    "student.path": Key("init=pretrained: a local HF model folder, a .gguf file or an asset "
+                        "name", _STUDENT,
+                        allowed="an existing HF model directory, .gguf file or asset name"),
+    "student.layers": Key("init=layer_subset: the teacher layer indices kept", _STUDENT,
+                          item=int),
+    **_block("student.model", _MODEL_FIELDS, _STUDENT),
+    # fine-tuning the teacher
+    **_block("finetune", _OPTIM_FIELDS, ("finetune",)),
+    "finetune.label_smoothing": Key("label smoothing of the teacher's fine-tuning", ("finetune",),
+                                    lo=0, hi=1, hi_open=True),
+    # distillation (the students)
+    **_block("distill", _OPTIM_FIELDS, ("train",)),
+    "distill.mode": Key("offline: KD targets read from the top-k store; online: the teacher "
+                        "runs inside the student's step (forward, top-k, rescale, loss in one "
+                        "program)", ("train",), choices=("offline", "online")),
+    "distill.tail": Key("the teacher's mass outside its top-k: bucket (a (k+1)-th bin on both "
+                        "sides) or renormalize (compare over the k ids only); the default of "
+                        "kd/first students (a -bucket/-renormalize suffix overrides it); "
+                        "calibrate plots and records the headline temperature for it",
+                        ("calibrate", "train"), choices=("bucket", "renormalize")),
+    "distill.direction": Key("KL direction of the KD loss: forward KL(teacher||student), "
+                             "reverse KL(student||teacher) or jsd (Jensen-Shannon)", ("train",),
+                             choices=("forward", "reverse", "jsd")),
+    "distill.temperature": Key("the teacher temperature of `first` students: calibrated (the "
+                               "calibrate stage's search for the student's mode and tail, from "
+                               "the store manifest), search (searched inside the online step; "
+                               "needs distill.mode=online) or a number", ("train",),
+                               types=(str, float),
+                               allowed="calibrated, search or a positive number"),
+    "distill.temperature_mode": Key("how `first` students re-scale the teacher's top-k with the "
+                                    "temperature: prob_softmax = softmax(p / t) (the paper's "
+                                    "code) or log_space = softmax(log p / t); the default mode "
+                                    "of `first` (a -prob_softmax/-log_space suffix overrides it)",
+                                    ("train",), choices=("prob_softmax", "log_space")),
+    "distill.temperature_ema": Key("online search: smoothing of the searched temperature over "
+                                   "steps (0: none)", ("train",), lo=0, hi=1, hi_open=True),
+    "distill.search_events": Key("online search: teacher events kept from the latest steps (a "
+                                 "ring buffer)", ("train",), lo=1),
+    "distill.search_min_events": Key("online search: the start temperature is kept until this "
+                                     "many events are in", ("train",), lo=0,
+                                     allowed="0 <= value <= distill.search_events"),
+    "distill.label_smoothing": Key("label smoothing of the sft_ls student baseline", ("train",),
+                                   lo=0, hi=1, hi_open=True),
+    "distill.seed": Key("the students' seed (batch order, initialisation): -1 uses seed; >= 0 "
+                        "gives student seeds over one teacher", ("train",), lo=0, also=(-1,),
+                        allowed="-1 (the run's seed) or a seed >= 0"),
+    "distill.length_buckets": Key("batch rows of similar length together and cut each batch's "
+                                  "padding to the smallest of these lengths holding it (one "
+                                  "compile each); (): every batch at data.max_len. Also cuts "
+                                  "the padding of evaluation batches", ("train", "evaluate"),
+                                  item=int, allowed="lengths between 2 and data.max_len"),
+    # the top-k store
+    "extract.k": Key("teacher tokens kept per position (top-k); at most the vocabulary size",
+                     ("extract", "calibrate", "train"), lo=1),
+    "extract.logprob_dtype": Key("dtype the store keeps the top-k log-probs in", ("extract",),
+                                 choices=("float16", "bfloat16")),
+    "extract.batch_size": Key("rows per teacher forward", ("extract", "calibrate"), lo=1),
+    "extract.shard_size": Key("examples per store shard (finished shards are skipped on a "
+                              "re-run)", ("extract",), lo=1),
+    # the temperature search
+    "calibrate.mode": Key("which search's temperature the store records as its headline "
+                          "`temperature` (every mode and tail is searched; each student "
+                          "trains with the search for its own, see distill.temperature_mode)",
+                          ("calibrate",), choices=("prob_softmax", "log_space")),
+    "calibrate.num_bins": Key("ECE bins of the temperature search (offline and online)",
+                              ("calibrate", "train"), lo=1),
+    "calibrate.refine": Key("search a finer grid around the best coarse temperature",
+                            ("calibrate",)),
+    "calibrate.require_premise": Key("stop before the students if the teacher is not "
+                                     "over-confident on validation", ("calibrate",)),
+    # evaluation
+    "evaluate.batch_size": Key("rows per scoring forward", ("evaluate",), lo=1),
+    "evaluate.num_bins": Key("ECE/MCE bin counts reported (equal width and equal mass each)",
+                             ("evaluate",), item=int, lo=1, min_len=1,
+                             allowed="a non-empty tuple of bin counts >= 1"),
+    "evaluate.scoring": Key("what confidence and correctness mean, in the temperature search, "
+                            "the post-hoc fits and the headline metrics alike: choices = softmax "
+                            "over the answer letters (lm-eval style); vocab = the "
+                            "full-vocabulary top-1 (FIRST's reference code)",
+                            ("calibrate", "train", "evaluate"), choices=("choices", "vocab")),
+    "evaluate.post_hoc": Key("students also reported with post-hoc temperature scaling "
+                             "(<student>+ts)", ("evaluate",), item=str),
+    "evaluate.models": Key("extra HF model folders / .gguf files evaluated beside the "
+                           "workdir's models", ("evaluate",), item=str,
+                           allowed="existing HF model dirs or .gguf files"),
+    "evaluate.choice_tasks": Key("kind=text: BIG-bench multiple-choice tasks also evaluated, "
+                                 "each choice scored by the log-likelihood of its text "
+                                 "(data.answer_template) after the prompt", ("evaluate",),
+                                 item=str, allowed="() for data.kind=choice"),
+    "evaluate.post_hoc_grid": Key("kind=text: post-hoc temperatures are chosen on this "
+                                  "log-spaced grid (exact token NLL)", ("evaluate",), item=float,
+                                  allowed="(lowest t > 0, highest t, number of points >= 2)"),
+    # checkpoints and logs
+    "checkpoint.every_steps": Key("steps between checkpoints of a training run",
+                                  ("finetune", "train"), lo=1),
+    "checkpoint.keep": Key("checkpoints kept per training run", ("finetune", "train"), lo=1),
+    "log_every_steps": Key("steps between metric lines (metrics.jsonl, TensorBoard, log)",
+                           ("finetune", "train"), lo=1),
+    "students": Key("student variants trained and evaluated: sft, sft_ls[-choices], "
+                    "kd[-mode][-tail], first[-mode][-tail], full_kd, each with an optional @E "
+                    "(E epochs); see first_jax.train", ("train", "evaluate"), item=str),
+}
+
+# What each block is for (docs/config.md's section texts).
+BLOCKS: dict[str, str] = {
+    "mesh": "The device mesh `(data, fsdp, tensor)` over all devices of all processes; "
+            "data*fsdp*tensor must equal the device count (one axis may be -1). See "
+            "docs/launch.md.",
+    "data": "The examples: where they come from, how they are split, encoded and scored.",
+    "data.hf_fields": "Column names read for `data.kind=choice`, `data.source=hf`.",
+    "data.text_fields": "Column names read for `data.kind=text`, `data.source=hf`.",
+    "teacher": "The teacher before fine-tuning.",
+    "teacher.model": "Architecture (`first_jax.models.ModelConfig`) of a random teacher; for "
+                     "`init=pretrained` the architecture comes from the checkpoint and only "
+                     "dtype, param_dtype and remat apply.",
+    "student": "The student's starting point.",
+    "student.model": "Architecture of a random student (same fields as `teacher.model`); for "
+                     "`init=pretrained` / `layer_subset` only dtype, param_dtype and remat "
+                     "apply.",
+    "finetune": "Supervised fine-tuning of the teacher (AdamW, warmup + cosine, clipping, "
+                "accumulation).",
+    "distill": "Training the students: the optimizer (as in `finetune`) and the distillation "
+               "loss.",
+    "extract": "The teacher's top-k store.",
+    "calibrate": "The ECE-minimising temperature search on the validation split.",
+    "evaluate": "Metrics of every model, in-domain and out-of-domain.",
+    "checkpoint": "Orbax checkpoints of the training runs.",
+}
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def defaults() -> dict[str, Any]:
+  """{dotted key: default} of `base()`."""
+  if not _DEFAULTS:
+    _DEFAULTS.update(leaves(base()))
+  return _DEFAULTS
+
+
+def _default_type(key: str) -> type:
+  value = defaults()[key]
+  return tuple if isinstance(value, (tuple, list)) else type(value)
+
+
+def type_name(key: str) -> str:
+  """The key's type in words: `int`, `str`, `tuple[str]`, `str | float`."""
+  spec = SCHEMA[key]
+  if spec.types:
+    return " | ".join(t.__name__ for t in spec.types)
+  kind = _default_type(key)
+  if kind is tuple:
+    return f"tuple[{spec.item.__name__}]" if spec.item else "tuple"
+  return kind.__name__
+
+
+def _expected(key: str) -> str:
+  return SCHEMA[key].expected(key)
+
+
+def keys_for(stage: str) -> list[str]:
+  """The keys `stage` reads, in base() order (`pipeline`: every key)."""
+  return [k for k, spec in SCHEMA.items() if stage == "pipeline" or stage in spec.stages]
+
+
+def format_default(value: Any) -> str:
+  return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+# ----------------------------------------------------------------------------- reference text
+
+# How `--config.KEY=VALUE` is read (the --help footer and docs/config.md).
+OVERRIDE_SYNTAX = (
+    "--config.KEY=VALUE (or --config.KEY VALUE) sets one key after --config FILE; the value is "
+    "typed by the key's default: bool true/false (1/0, yes/no, on/off); int and float numbers; "
+    "str as written; a tuple as a comma list (a,b for strings, 1,2 for numbers; a trailing "
+    "comma or one item for a 1-tuple) or a Python literal (\"('a', 'b')\"); () or an empty "
+    "value for the empty tuple. --config configs/X.py:ARG calls the file's get_config(\"ARG\").")
+
+_MARKDOWN_HEAD = """\
+# Config reference
+
+<!-- Generated from first_jax/config.py (SCHEMA, next to base()) by
+     `python -m first_jax.config --markdown`; edit those and re-run it, not this file.
+     tests/test_docs.py fails when this file is stale. -->
+
+Every stage reads one config: a Python file whose `get_config(arg)` returns an
+`ml_collections.ConfigDict` that starts from `first_jax.config.base()`, plus command-line
+overrides. This page lists every key: its type, default, allowed values or range, and the stages
+that read it (`pipeline` runs every stage, so it reads every key).
+`python -m first_jax.<stage> --help` (or `first-jax <stage> --help`) prints the same for one
+stage.
+
+Every key is checked at start-up, before any stage runs or anything is written: an unknown key,
+a wrong type or a value outside the "allowed" column prints one line naming the key and exits 2;
+so do the rules that tie keys together (mesh sizes against the device count, split fractions,
+teacher and student vocabularies, `data.kind=text` rules, paths that must exist).
+
+## Config files: `--config configs/X.py[:ARG]`
+
+`--config configs/X.py` loads the file and calls its `get_config()`. `--config configs/X.py:ARG`
+calls `get_config("ARG")` with everything after the first colon, one string that the file
+parses itself: `configs/smoke.py:online` and `configs/smoke.py:text` pick variants,
+`configs/demo.py:seed=1` and `configs/demo_long.py:seed=1,epochs=4` pass comma-separated
+`name=value` pairs (see each file's docstring). A config file changes keys of `base()`; it
+cannot add keys.
+
+## Overrides: `--config.KEY=VALUE`
+
+After `--config FILE`, any number of `--config.KEY=VALUE` (or `--config.KEY VALUE`), applied in
+order, each typed by the key's default:
+
+| type | write | example |
+|---|---|---|
+| bool | `true` / `false` (also `1`/`0`, `yes`/`no`, `on`/`off`) | `--config.resume=false` |
+| int, float | a number | `--config.distill.lr=3e-4` |
+| str | the text as it is | `--config.data.task=multiemo/hotels_sentence_en` |
+| tuple[str] | a comma list, or a Python literal | `--config.students=sft,first` |
+| tuple[int], tuple[float] | a comma list of numbers, or a literal | `--config.evaluate.num_bins=10,15` |
+| a 1-tuple | one item (a trailing comma is allowed) | `--config.students=first` |
+| the empty tuple | `()` or an empty value | `--config.data.ood_tasks=()` |
+
+A Python literal is quoted for the shell: `--config.students="('sft', 'first')"`; quote an item
+that holds a comma inside a comma list: `--config.data.ood_tasks="'a,b',c"`.
+
+`distill.temperature` takes `calibrated`, `search` or a number (`--config.distill.temperature=1.5`).
+
+## `calibrate.mode` vs `distill.temperature_mode`
+
+`calibrate` searches the ECE-minimising temperature for every scaling mode (`prob_softmax`,
+`log_space`) and tail handling (`bucket`, `renormalize`) and records them all in the store
+manifest. `calibrate.mode` only picks which of these searches (with `distill.tail`) is recorded
+as the store's headline `temperature`; it does not choose any student's temperature. Each
+student variant trains with the search for its own mode and tail: `distill.temperature_mode` is
+the default mode of `first` (and `distill.tail` its default tail), and a suffix overrides them
+per variant (`first-log_space`, `first-renormalize`). So to train FIRST in log space, set
+`distill.temperature_mode=log_space` or list `first-log_space` in `students`.
+
+## Keys"""
+
+
+def _cell(text: str) -> str:
+  return text.replace("|", "\\|")
+
+
+def markdown() -> str:
+  """docs/config.md: every key of the schema, grouped by block."""
+  d = defaults()
+  out = [_MARKDOWN_HEAD]
+  sections: dict[str, list[str]] = {}
+  for key in SCHEMA:
+    top = key.split(".")[0] if "." in key else ""
+    sections.setdefault(top, []).append(key)
+  head = "| key | type | default | allowed | read by | description |\n|---|---|---|---|---|---|"
+  for top, keys in sections.items():
+    out.append(f"\n### {'`' + top + '`' if top else 'Top level'}\n")
+    notes = [(b, text) for b, text in BLOCKS.items() if b == top or b.startswith(top + ".")]
+    for b, text in notes if top else ():
+      out.append(text + "\n" if b == top else f"`{b}`: {text}\n")
+    out.append(head)
+    for key in keys:
+      spec = SCHEMA[key]
+      stages = "all" if set(spec.stages) == set(STAGES) else ", ".join(spec.stages)
+      allowed = spec.expected(key)
+      out.append(f"| `{key}` | {_cell(type_name(key))} | `{_cell(format_default(d[key]))}` | "
+                 f"{_cell(allowed) if allowed else '-'} | {stages} | {_cell(spec.doc)} |")
+  return "\n".join(out) + "\n"
+
+
+def _main(argv: Sequence[str]) -> int:
+  if not argv or argv[0] != "--markdown" or len(argv) > 2:
+    print("usage: python -m first_jax.config --markdown [PATH | -]  (writes docs/config.md)",
+          file=sys.stderr)
+    return 2
+  text = markdown()
+  path = argv[1] if len(argv) > 1 else os.path.join("docs", "config.md")
+  if path == "-":
+    sys.stdout.write(text)
+    return 0
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(_main(sys.argv[1:]))

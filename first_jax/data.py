@@ -441,15 +441,3 @@ def trim_batch(batch: Mapping[str, np.ndarray], length_buckets: Sequence[int]) -
   keep = min([b for b in length_buckets if b >= longest] + [length])
   return {k: (v[:, :keep] if np.ndim(v) >= 2 and v.shape[1] == length else v)
           for k, v in batch.items()}
-
-
-def host_slice(arrays: Mapping[str, np.ndarray], host_id: int,
-               num_hosts: int) -> dict[str, np.ndarray]:
-  """This host's contiguous rows of a global batch (every host builds the same global batch)."""
-  out = {}
-  for k, a in arrays.items():
-    if len(a) % num_hosts:
-      raise UserError(f"data.batch_size: {len(a)} rows do not split over {num_hosts} hosts")
-    per = len(a) // num_hosts
-    out[k] = a[host_id * per:(host_id + 1) * per]
-  return out

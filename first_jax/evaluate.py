@@ -17,10 +17,17 @@ on the validation split, under the same scoring), and `sft@val`, the SFT student
 eval/results.json (metrics), eval/events.json (per-example confidence and correctness, for bootstrap
 intervals), eval/results.md and reliability diagrams. Scores are cached per model in eval/scores/,
 keyed by the model's and the data's fingerprints, so a re-run only scores what changed.
+
+Done-check: eval/done.json holds the `fingerprint` of everything the evaluation read (the data,
+the out-of-domain and choice-task settings, the `evaluate` block and the fingerprint of every
+model scored); a re-run whose fingerprint matches prints the stored table, logs "evaluate: done
+already" and scores nothing. `resume=false` moves eval/ aside and evaluates from nothing.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -131,8 +138,9 @@ def both_scorings(scores: dict, arrays: dict, scoring: str, nb: tuple[int, ...],
   out["scoring"] = scoring
   other = "vocab" if scoring == "choices" else "choices"
   m = metrics(events(scores, arrays, other, t), nb)
-  out[other] = {k: m[k] for k in ("accuracy", "confidence", "ece", "ece10_mass", "mce", "brier",
-                                  "nll")}
+  # equal-mass ECE at the first bin count (ece10_mass with the default num_bins (10, 15))
+  out[other] = {k: m[k] for k in ("accuracy", "confidence", "ece", f"ece{nb[0]}_mass", "mce",
+                                  "brier", "nll")}
   return out, main
 
 
@@ -147,6 +155,26 @@ def fit_post_hoc(scores: dict, arrays: dict, scoring: str) -> float:
   return float(temperature.fit_nll_temperature(
       jnp.asarray(top_NxR), jnp.asarray(scores["top_ids"]), jnp.asarray(gold_N),
       mode="log_space", tail_logmass_N=_tail(top_NxR)).t)
+
+
+def path_fingerprint(path: str) -> str:
+  """A model given by path (`evaluate.models`): its config.json's bytes and the size and mtime
+  of each weights file (*.safetensors, *.gguf; a .gguf file itself), so that a model rewritten
+  in place is evaluated again without hashing gigabytes."""
+  h = hashlib.sha256()
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path))
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+      with open(config, "rb") as f:
+        h.update(f.read())
+    files = [os.path.join(path, n) for n in names if n.endswith((".safetensors", ".gguf"))]
+  else:
+    files = [path]
+  for f in files:
+    st = os.stat(f)
+    h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
 
 
 def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
@@ -168,6 +196,70 @@ def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
   return found
 
 
+def data_key(cfg, data_fingerprint: str) -> str:
+  """The evaluation sets as the score cache and the done-check key them: the in-domain data's
+  fingerprint and the settings that choose the out-of-domain and choice-task sets (kind=text:
+  also the temperature grid every token is scored at)."""
+  if cfg.data.kind == "text":
+    t_T = textscore.grid(*cfg.evaluate.post_hoc_grid)
+    return workspace.fingerprint(data_fingerprint, cfg.data.ood_tasks, cfg.data.num_ood_examples,
+                                 cfg.evaluate.choice_tasks, cfg.data.answer_template,
+                                 t_T.tolist())
+  return workspace.fingerprint(data_fingerprint, cfg.data.ood_tasks, cfg.data.num_ood_examples,
+                               TOP_R)
+
+
+def model_fingerprints(cfg, found: dict[str, tuple[Callable, str | None]]) -> dict[str, Any]:
+  """Name -> fingerprint of every model an evaluation of `cfg` scores: the done.json fingerprint
+  of the workdir's teacher and students (None when missing or damaged), `path_fingerprint` of
+  each `evaluate.models` path."""
+  out: dict[str, Any] = {name: fp for name, (_, fp) in found.items()}
+  for path in cfg.evaluate.models:
+    out[os.path.basename(os.path.normpath(path))] = path_fingerprint(path)
+  return out
+
+
+def fingerprint(cfg, data_fingerprint: str, model_fps: dict[str, Any]) -> str:
+  """What an evaluation depends on (its done-marker): the sets (`data_key`, the data config and
+  seed that split them, the tokenizer), the `evaluate` block and every model's fingerprint."""
+  return workspace.fingerprint(data_key(cfg, data_fingerprint), workspace.data_block(cfg),
+                               cfg.seed, cfg.tokenizer, cfg.evaluate, model_fps)
+
+
+def is_done(cfg, tok=None, data_fingerprint: str | None = None) -> bool:
+  """Whether eval/ holds the results of an evaluation of exactly these data, settings and
+  models (eval/done.json's fingerprint matches and results.json exists)."""
+  out = workspace.folder(cfg, "eval")
+  if not os.path.exists(os.path.join(out, "done.json")):
+    return False
+  tok = workspace.tokenizer(cfg) if tok is None else tok
+  if data_fingerprint is None:
+    data_fingerprint = workspace.data_fingerprint(cfg, tok)
+  fps = model_fingerprints(cfg, _models(cfg, tok))
+  return _done(out, fps, fingerprint(cfg, data_fingerprint, fps))
+
+
+def _done(out: str, model_fps: dict[str, Any], fp: str) -> bool:
+  # a workdir model without a readable done-marker (None) is never taken as evaluated
+  return (all(v is not None for v in model_fps.values())
+          and os.path.exists(os.path.join(out, "results.json")) and workspace.is_done(out, fp))
+
+
+def report(cfg) -> dict:
+  """Prints the stored table of a finished evaluation and returns its results."""
+  out = workspace.folder(cfg, "eval")
+  with open(os.path.join(out, "results.json")) as f:
+    doc = json.load(f)
+  md_path = os.path.join(out, "results.md")
+  if os.path.exists(md_path):
+    with open(md_path) as f:
+      md = f.read()
+    print(f"scoring: {doc.get('scoring')}")
+    print(md)
+  print(f"results: {os.path.join(out, 'results.json')}; plots: {out}")
+  return doc["results"]
+
+
 def cached_scores(cache_dir: str, name: str, key: str | None,
                   compute: Callable[[], dict[str, dict]]) -> dict[str, dict]:
   """{set: scores} from eval/scores/<name>.npz when its key matches, else computed and saved."""
@@ -183,15 +275,16 @@ def cached_scores(cache_dir: str, name: str, key: str | None,
         log.info("evaluate %s: scores cached (%s)", name, path)
         return out
   out = compute()
-  if key is not None:
+  if key is not None and jax.process_index() == 0:  # every process holds the gathered scores
     flat = {f"{s}|{f}": v for s, d in out.items() for f, v in d.items()}
     io_util.atomic_write_npz(path, key=np.asarray(key), **flat)
   return out
 
 
-def table(results: dict, in_domain: str, ood: list[str]) -> str:
-  """Markdown: headline metrics in-domain and the mean over out-of-domain sets."""
-  head = ["model"] + [f"ID {m}" for m in HEADLINE] + ([f"OOD {m}" for m in HEADLINE] if ood
+def table(results: dict, in_domain: str, ood: list[str], label: str = "ID") -> str:
+  """Markdown: headline metrics in-domain (or on the set `in_domain`, columns named `label`)
+  and the mean over out-of-domain sets."""
+  head = ["model"] + [f"{label} {m}" for m in HEADLINE] + ([f"OOD {m}" for m in HEADLINE] if ood
                                                          else [])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, sets in results.items():
@@ -215,8 +308,7 @@ class _Choice:
     self.sets = {"in_domain": data.splits["test"],
                  **{f"ood:{k}": v for k, v in data.ood.items()},
                  "validation": data.splits["validation"]}
-    self.key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
-                                      cfg.data.num_ood_examples, TOP_R)
+    self.key = data_key(cfg, data.fingerprint)
 
   def compute(self, model, mesh) -> dict[str, dict]:
     fn = scorer(model, mesh)
@@ -233,9 +325,9 @@ class _Choice:
   def fit(self, scored: dict) -> float:
     return fit_post_hoc(scored["validation"], self.sets["validation"], self.scoring)
 
-  def result(self, scored: dict, s: str, t: float) -> tuple[dict, dict]:
+  def result(self, scored: dict, s: str, t: float, post_hoc: bool) -> tuple[dict, dict]:
     out, ev = both_scorings(scored[s], self.sets[s], self.scoring, self.nb, t)
-    if t != 1.0:
+    if post_hoc:
       out["temperature"] = t
     return out, _compact(ev)
 
@@ -252,9 +344,7 @@ class _Text:
                  **{f"ood:{k}": v for k, v in data.ood.items()},
                  **{s: v["rows"] for s, v in self.choice.items()},
                  "validation": data.splits["validation"]}
-    self.key = workspace.fingerprint(data.fingerprint, cfg.data.ood_tasks,
-                                      cfg.data.num_ood_examples, cfg.evaluate.choice_tasks,
-                                      cfg.data.answer_template, self.t_T.tolist())
+    self.key = data_key(cfg, data.fingerprint)
 
   def compute(self, model, mesh) -> dict[str, dict]:
     fn = textscore.scorer(model, self.t_T, mesh)
@@ -272,7 +362,7 @@ class _Text:
   def fit(self, scored: dict) -> int:
     return textscore.fit_post_hoc(scored["validation"], self.t_T)
 
-  def result(self, scored: dict, s: str, j: int) -> tuple[dict, dict]:
+  def result(self, scored: dict, s: str, j: int, post_hoc: bool) -> tuple[dict, dict]:
     if s in self.choice:
       c = self.choice[s]
       ev = textscore.choice_events(scored[s], c["rows"]["group"], c["label"], self.t_T, j)
@@ -283,7 +373,7 @@ class _Text:
       out = textscore.token_metrics(ev, self.nb)
       compact = {**_compact(ev), "row": ev["row"].tolist()}
       out["scoring"] = "tokens"
-    if j != self.identity():
+    if post_hoc:
       out["temperature"] = float(self.t_T[j])
     return out, compact
 
@@ -291,13 +381,23 @@ class _Text:
 def run(cfg) -> dict:
   out = workspace.folder(cfg, "eval")
   tok = workspace.tokenizer(cfg)
+  if not cfg.resume:
+    workspace.start_over(out)
+  found = _models(cfg, tok)
+  model_fps = model_fingerprints(cfg, found)
+  done_fp = fingerprint(cfg, workspace.data_fingerprint(cfg, tok), model_fps)
+  if cfg.resume and _done(out, model_fps, done_fp):
+    log.info("evaluate: done already (%s, fingerprint %s)", out, done_fp)
+    return report(cfg)
+  if jax.process_index() == 0 and os.path.exists(os.path.join(out, "done.json")):
+    os.remove(os.path.join(out, "done.json"))  # results of another evaluation: not done now
   data = workspace.load_data(cfg, tok)
   kind = (_Text if data.kind == "text" else _Choice)(cfg, tok, data)
   mesh = workspace.mesh(cfg)
   results: dict[str, dict] = {}
   per_example: dict[str, dict] = {}
   val_nll: dict[str, float] = {}
-  for name, (load, model_fp) in _models(cfg, tok).items():
+  for name, (load, model_fp) in found.items():
     key = None if model_fp is None else f"{model_fp}/{kind.key}"
     scored = cached_scores(os.path.join(out, "scores"), name, key,
                            lambda load=load: kind.compute(load(), mesh))
@@ -309,7 +409,7 @@ def run(cfg) -> dict:
       results[row], per_example[row] = {}, {}
       for s in kind.sets:
         if s != "validation":
-          results[row][s], per_example[row][s] = kind.result(scored, s, t)
+          results[row][s], per_example[row][s] = kind.result(scored, s, t, row != name)
       log.info("evaluate %s: ID accuracy %.4f ECE %.4f (%s scoring)", row,
                results[row]["in_domain"]["accuracy"], results[row]["in_domain"]["ece"],
                kind.scoring)
@@ -323,19 +423,23 @@ def run(cfg) -> dict:
   ood = [s for s in kind.sets if s.startswith("ood:")]
   md = table(results, "in_domain", ood)
   for s in (s for s in kind.sets if s.startswith("choice:")):
-    md += f"\n{s} (log-likelihood of each choice's text)\n\n" + table(results, s, [])
-  io_util.atomic_write_json(os.path.join(out, "results.json"),
-                            {"results": results, "in_domain": cfg.data.task or cfg.data.source,
-                             "ood": ood, "scoring": kind.scoring, "kind": data.kind})
-  io_util.atomic_write_json(os.path.join(out, "events.json"),
-                            {"scoring": kind.scoring, "events": per_example})
-  io_util.atomic_write_bytes(os.path.join(out, "results.md"), md.encode())
-  panels = [dict(title=name, ece=r["in_domain"]["ece"], **r["in_domain"]["reliability"])
-            for name, r in results.items()]
-  plots.reliability_diagram(os.path.join(out, "reliability_in_domain.png"), panels)
-  print(f"scoring: {kind.scoring}")
-  print(md)
-  print(f"results: {os.path.join(out, 'results.json')}; plots: {out}")
+    md += (f"\n{s} (log-likelihood of each choice's text)\n\n"
+           + table(results, s, [], label=s.partition(":")[2]))
+  if jax.process_index() == 0:  # the reports: every process computed the same (gathered) rows
+    io_util.atomic_write_json(os.path.join(out, "results.json"),
+                              {"results": results, "in_domain": cfg.data.task or cfg.data.source,
+                               "ood": ood, "scoring": kind.scoring, "kind": data.kind})
+    io_util.atomic_write_json(os.path.join(out, "events.json"),
+                              {"scoring": kind.scoring, "events": per_example})
+    io_util.atomic_write_bytes(os.path.join(out, "results.md"), md.encode())
+    panels = [dict(title=name, ece=r["in_domain"]["ece"], **r["in_domain"]["reliability"])
+              for name, r in results.items()]
+    plots.reliability_diagram(os.path.join(out, "reliability_in_domain.png"), panels)
+    print(f"scoring: {kind.scoring}")
+    print(md)
+    print(f"results: {os.path.join(out, 'results.json')}; plots: {out}")
+  if all(fp is not None for fp in model_fps.values()):
+    workspace.mark_done(out, done_fp, models=model_fps)
   return results
 
 

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from first_jax import cli, infer, store, tokenizer as tokenizer_lib, workspace
+from first_jax import cli, distributed, infer, store, tokenizer as tokenizer_lib, workspace
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def run(cfg) -> str:
     writer.write_shard(index, part["example_id"][mine], part["input_ids"][mine],
                        top["teacher_ids"], top["teacher_logprobs"], top["teacher_tail"],
                        part["loss_mask"][mine] > 0)
-  writer.finalize()
+  writer.finalize()  # process 0 merges every process's manifest part
+  if jax.process_index() == 0:  # for reports: bytes per stored (scored) token
+    store.update_manifest(out, scored_tokens=int(scored_NxL.sum()))
+  distributed.sync("extract: store complete")
   log.info("extract: %d examples in %d shards, %.1f MB", n, num_shards,
            store.store_size_bytes(out) / 1e6)
   return out

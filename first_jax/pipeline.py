@@ -1,7 +1,11 @@
 """All stages in order from one config: finetune -> extract -> calibrate -> train -> evaluate.
 
-Stages whose outputs exist and match the config are skipped (done-markers for training runs,
-finished shards for the store); a killed pipeline resumes where it stopped.
+Stages whose outputs exist and match the config are skipped, each with a line "<stage>: done
+already (...)": done-markers (done.json) of the teacher, the students and the evaluation, the
+store manifest (complete, of this teacher, data and k) and its calibration fingerprint. A killed
+pipeline resumes where it stopped (finished store shards, training checkpoints, cached scores).
+`resume=false` starts over: each stage's existing output folder is moved aside to
+`<folder>.old-<unix time>` before the stage runs (the calibration is redone on the new store).
 """
 from __future__ import annotations
 
@@ -10,48 +14,124 @@ import logging
 import os
 import time
 
+import jax
+
 from first_jax import calibrate, cli, evaluate, extract, finetune, io_util, store, train
 from first_jax import workspace
 
 log = logging.getLogger(__name__)
+STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
+
+
+def _store_done(cfg, data_fingerprint: str) -> bool:
+  """The store is complete and of this config's teacher, data, k and log-prob dtype (what
+  extract would otherwise verify, or refuse)."""
+  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return bool(isinstance(m, dict) and m.get("complete")
+              and (m.get("teacher") or {}).get("fingerprint") == workspace.teacher_fingerprint(cfg)
+              and m.get("data_fingerprint") == data_fingerprint and m.get("k") == cfg.extract.k
+              and m.get("logprob_dtype") == cfg.extract.logprob_dtype)
+
+
+class _Checks:
+  """Each stage's done-check, sharing the tokenizer and data fingerprint they need (loaded at the
+  first check that needs them: no model is loaded and nothing is encoded or written)."""
+
+  def __init__(self, cfg):
+    self.cfg, self._tok, self._data_fp = cfg, None, None
+
+  def _data(self):
+    if self._data_fp is None:
+      self._tok = workspace.tokenizer(self.cfg)
+      self._data_fp = workspace.data_fingerprint(self.cfg, self._tok)
+    return self._tok, self._data_fp
+
+  def is_done(self, name: str) -> bool:
+    cfg = self.cfg
+    if name == "finetune":
+      return finetune.is_done(cfg)
+    if name == "train":
+      return all(train.is_done(cfg, v) for v in train.run_checks(cfg))
+    tok, data_fp = self._data()
+    if name == "extract":
+      return _store_done(cfg, data_fp)
+    if name == "calibrate":
+      return calibrate.is_done(cfg, data_fp)
+    return evaluate.is_done(cfg, tok, data_fp)
 
 
 def done_already(cfg) -> set[str]:
-  """The stages a run of `cfg` would skip: their outputs exist and match the config."""
-  if not finetune.is_done(cfg):
-    return set()
-  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
-  if not os.path.exists(path):
-    return {"finetune"}
-  with open(path) as f:
-    m = json.load(f)
-  if not (m.get("complete") and m.get("teacher", {}).get("fingerprint")
-          == workspace.teacher_fingerprint(cfg) and m.get("calibration")):
-    return {"finetune"}
-  if not all(train.is_done(cfg, v) for v in train.run_checks(cfg)):
-    return {"finetune", "extract"}
-  return {"finetune", "extract", "train"}
+  """The stages a run of `cfg` would skip: their outputs exist and match the config (a stage
+  counts only when every stage before it does)."""
+  checks, done = _Checks(cfg), set()
+  for name in STAGES:
+    if not checks.is_done(name):
+      break
+    done.add(name)
+  return done
+
+
+def _where(cfg, name: str) -> str:
+  """What a skipped stage's "done already" line names."""
+  if name == "finetune":
+    return workspace.folder(cfg, "teacher")
+  if name == "extract":
+    return workspace.folder(cfg, "store")
+  if name == "calibrate":
+    return os.path.join(workspace.folder(cfg, "store"), store.MANIFEST) + " calibration"
+  if name == "train":
+    return ", ".join(workspace.folder(cfg, "students", s) for s in cfg.students)
+  return workspace.folder(cfg, "eval")
+
+
+def _start_over(cfg, name: str) -> None:
+  """resume=false: the stage's existing output folder moved aside before it runs. calibrate
+  (its output is the manifest of the store extract has just rebuilt) and evaluate (which moves
+  eval/ itself, also when run alone) are left to their stages."""
+  if name == "finetune":
+    workspace.start_over(workspace.folder(cfg, "teacher"))
+  elif name == "extract":
+    workspace.start_over(workspace.folder(cfg, "store"))
+  elif name == "train":
+    for s in cfg.students:
+      workspace.start_over(workspace.folder(cfg, "students", s))
 
 
 def run(cfg) -> dict:
   train.run_checks(cfg)  # every student variant name is checked before any work starts
-  # timings.json keeps the time a stage took when it did its work: a re-run that skips a done
-  # stage keeps the earlier figure rather than writing the seconds the skip took.
+  # Each stage is checked just before it would run (after the stages before it), so a stage
+  # whose inputs came out the same (e.g. a calibration redone with the same temperatures) is
+  # still skipped. timings.json keeps the time a stage took when it did its work: a re-run that
+  # skips a done stage keeps the earlier figure rather than the seconds the skip took.
   path = workspace.folder(cfg, "timings.json")
-  skipped = done_already(cfg)
-  timings = {}
-  if skipped and os.path.exists(path):
+  earlier = {}
+  if cfg.resume and os.path.exists(path):
     with open(path) as f:
-      timings = {k: v for k, v in json.load(f).items() if k in skipped}
-  for name, stage in (("finetune", finetune.run), ("extract", extract.run),
-                      ("calibrate", calibrate.run), ("train", train.run),
-                      ("evaluate", evaluate.run)):
+      earlier = json.load(f)
+  checks, timings, skipped, result = _Checks(cfg), {}, set(), None
+  for name, stage in zip(STAGES, (finetune.run, extract.run, calibrate.run, train.run,
+                                  evaluate.run)):
+    if cfg.resume and checks.is_done(name):
+      log.info("%s: done already (%s)", name, _where(cfg, name))
+      skipped.add(name)
+      if name in earlier:
+        timings[name] = earlier[name]
+      continue
     t0 = time.time()
     log.info("pipeline: %s", name)
+    if not cfg.resume:
+      _start_over(cfg, name)
     result = stage(cfg)
-    if name not in timings:
-      timings[name] = round(time.time() - t0, 2)
-  io_util.atomic_write_json(path, timings)
+    timings[name] = round(time.time() - t0, 2)
+  if "evaluate" in skipped:
+    result = evaluate.report(cfg)  # the stored table, as a run that evaluates prints it
+  if jax.process_index() == 0:
+    io_util.atomic_write_json(path, timings)
   log.info("pipeline: done (stage seconds, skipped stages as first measured: %s)",
            json.dumps(timings))
   return result

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -135,6 +136,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def put_global(tree: Any, sharding_: Any) -> Any:
+  """Host arrays every process holds in full -> global arrays laid out as `sharding_` (a
+  sharding or a matching tree of them): each process places only its own devices' slices, so
+  this works on one process or many (where `jax.device_put` of a host value needs every device
+  to be addressable)."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  if isinstance(sharding_, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, sharding_), tree)
+  return jax.tree.map(one, tree, sharding_)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -151,11 +165,6 @@ def init_sharded(module: nn.Module, mesh: Mesh, rules: Rules, rng: jax.Array,
   init = lambda r: module.init(r, *inputs)["params"]
   shardings = param_shardings(jax.eval_shape(init, rng), mesh, rules, on_indivisible)
   return jax.jit(lambda r: unbox(init(r)), out_shardings=shardings)(rng)
-
-
-def shard_like(tree: Any, shardings: Any) -> Any:
-  """device_put every leaf with the matching sharding (same tree structure)."""
-  return jax.device_put(tree, shardings)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings_: Any,

@@ -36,10 +36,14 @@ def _step_of(row: str) -> int | None:
 
 
 class MetricsWriter:
-  """Appends interval means to metrics.jsonl and TensorBoard event files under `folder`."""
+  """Appends interval means to metrics.jsonl and TensorBoard event files under `folder`
+  (process 0 only: the means are global, every process holds the same)."""
 
   def __init__(self, folder: str, resumed_at: int = 0):
     """`resumed_at`: rows of later steps (logged before a kill, about to be redone) are dropped."""
+    self._jsonl = self._tb = None
+    if jax.process_index() != 0:
+      return
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
@@ -57,6 +61,8 @@ class MetricsWriter:
       self._tb = None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self._jsonl is None:
+      return
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -64,7 +70,8 @@ class MetricsWriter:
         self._tb.add_scalar(name, value, step)
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -176,26 +183,31 @@ def state_shardings(tx, params: Any, events: Any, mesh) -> step_lib.TrainState:
       temperature=rep, events=None if events is None else jax.tree.map(lambda _: rep, events))
 
 
+def jit_step(module, spec, tx, mesh, batch_sharding, state_sh: step_lib.TrainState, *,
+             teacher_module=None, teacher_sh: Any = None) -> StepFn:
+  """The jitted step with explicit layouts: the state keeps its shardings `state_sh` step after
+  step (donated, updated in place), every batch entry is split over (data, fsdp) on its leading
+  axis, the teacher (never donated) keeps its own `teacher_sh`, metrics come back replicated."""
+  return jax.jit(functools.partial(
+      step_lib.train_step, student_apply=models.apply_fn(module),
+      teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
+      spec=spec, tx=tx),
+      in_shardings=(state_sh, batch_sharding, teacher_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
 def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, seed: int,
                  teacher_module=None, teacher_params: Any = None, events: Any = None,
                  initial_temperature: float = 1.0) -> tuple[step_lib.TrainState, StepFn]:
-  """The initial train state, placed, and the jitted step with explicit layouts: the state
-  keeps its shardings step after step (donated, updated in place), every batch entry is split
-  over (data, fsdp) on its leading axis, the teacher (never donated) keeps its own, metrics
-  come back replicated."""
+  """The initial train state, placed (`state_shardings`), and its jitted step (`jit_step`)."""
   state_sh = state_shardings(tx, params, events, mesh)
   state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
                                     initial_temperature=initial_temperature),
                   out_shardings=state_sh)(params, events=events)
   teacher_sh = (None if teacher_params is None
                 else jax.tree.map(lambda x: x.sharding, teacher_params))
-  step_fn = jax.jit(functools.partial(
-      step_lib.train_step, student_apply=models.apply_fn(module),
-      teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
-      spec=spec, tx=tx),
-      in_shardings=(state_sh, batch_sharding, teacher_sh),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  return state, step_fn
+  return state, jit_step(module, spec, tx, mesh, batch_sharding, state_sh,
+                         teacher_module=teacher_module, teacher_sh=teacher_sh)
 
 
 def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, spec,
@@ -226,7 +238,8 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
     if add_targets is not None:
       batch = add_targets(batch)
     batch = data_lib.trim_batch(batch, buckets)  # one compiled step per bucket length
-    return jax.device_put({k: v for k, v in batch.items() if k != "example_id"}, batch_sharding)
+    return sharding.put_global({k: v for k, v in batch.items() if k != "example_id"},
+                               batch_sharding)
 
   state = fit(name=name, folder=folder, state=state, step_fn=step_fn, batches=batches,
               total_steps=total, put_batch=put_batch, teacher_params=teacher_params,

@@ -27,7 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from first_jax import assets, data, io_util, sharding, sources, tokenizer as tokenizer_lib
+from first_jax import assets, data, distributed, io_util, sharding, sources
+from first_jax import tokenizer as tokenizer_lib
 from first_jax import config as config_lib, models
 from first_jax.errors import UserError
 
@@ -106,7 +107,10 @@ def is_done(path: str, fp: str) -> bool:
 
 
 def mark_done(path: str, fp: str, **info: Any) -> None:
-  io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
+  """Written by process 0; every process leaves only once it is there."""
+  if jax.process_index() == 0:
+    io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
+  distributed.sync(f"done:{path}")
 
 
 def start_run(path: str, fp: str) -> None:
@@ -116,6 +120,12 @@ def start_run(path: str, fp: str) -> None:
   is moved aside to `<path>.stale-<its fingerprint>`; a folder of the same config is kept, so
   the run resumes from its checkpoints.
   """
+  if jax.process_index() == 0:  # process 0 claims the folder for every process
+    _claim(path, fp)
+  distributed.sync(f"start:{path}")
+
+
+def _claim(path: str, fp: str) -> None:
   marker = os.path.join(path, "run.json")
   if os.path.exists(path) and os.listdir(path):
     obj, damage = _read_marker(marker)
@@ -133,6 +143,24 @@ def start_run(path: str, fp: str) -> None:
       log.warning("%s holds a run of another config; moved to %s", path, aside)
     os.rename(path, aside)
   io_util.atomic_write_json(marker, {"fingerprint": fp})
+
+
+def start_over(path: str) -> str | None:
+  """`resume=false`: moves a stage's existing output folder aside to `<path>.old-<unix time>`
+  (one warning saying where) so the stage starts from nothing; returns where it went, or None
+  when there was nothing to move. Process 0 moves it; every process leaves once it is moved."""
+  aside = None
+  if os.path.exists(path) and os.listdir(path):
+    aside = base = f"{path}.old-{int(time.time())}"
+    n = 1
+    while os.path.exists(aside):  # two stages, or two runs, within one second
+      n += 1
+      aside = f"{base}-{n}"
+    if jax.process_index() == 0:
+      os.rename(path, aside)
+      log.warning("resume=false: moved %s to %s; the stage starts over", path, aside)
+  distributed.sync(f"start_over:{path}")
+  return aside
 
 
 @contextlib.contextmanager
@@ -252,6 +280,21 @@ def _encoder(cfg: ml_collections.ConfigDict, tok, num_choices: int):
                            use_chat_template=d.use_chat_template, num_choices=num_choices)
 
 
+def _data_fingerprint(cfg: ml_collections.ConfigDict, tok, examples: list) -> str:
+  d = cfg.data
+  settings = dict(loss_on=d.loss_on, use_chat_template=d.use_chat_template)
+  if d.kind == "text":  # (choice runs keep the fingerprints they had before text existed)
+    settings.update(kind=d.kind, answer_template=d.answer_template)
+  return data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, **settings)
+
+
+def data_fingerprint(cfg: ml_collections.ConfigDict, tok) -> str:
+  """The fingerprint `load_data(cfg, tok).fingerprint` gives the in-domain data, without encoding
+  anything or writing split.json (for the calibrate / evaluate done-checks)."""
+  examples = _subsample(_load_examples(cfg, cfg.data.task), cfg.data.num_examples, cfg.seed)
+  return _data_fingerprint(cfg, tok, examples)
+
+
 def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
   d = cfg.data
@@ -273,11 +316,9 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   for task in d.ood_tasks:
     ood_examples = _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
     ood[task] = encode(ood_examples)
-  settings = dict(loss_on=d.loss_on, use_chat_template=d.use_chat_template)
-  if d.kind == "text":  # (choice runs keep the fingerprints they had before text existed)
-    settings.update(kind=d.kind, answer_template=d.answer_template)
-  fp = data.fingerprint(examples, tokenizer_lib.tokenizer_hash(tok), d.max_len, **settings)
-  data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
+  fp = _data_fingerprint(cfg, tok, examples)
+  if jax.process_index() == 0:
+    data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
   return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices, kind=d.kind)
 
 
@@ -330,11 +371,12 @@ def init_model(cfg: ml_collections.ConfigDict, who: str, tok) -> models.Model:
     seed = cfg.seed + (0 if who == "teacher" else 1)
     example = [jax.ShapeDtypeStruct((1, 8), np.int32)]
     params = sharding.init_sharded(models.Decoder(mc), m, sharding.DEFAULT_RULES,
-                                   jax.random.key(seed), example)
+                                   jax.random.key(seed), example, cfg.mesh.on_indivisible)
     return models.Model(mc, params)
   source = block.path if block.init == "pretrained" else cfg.teacher.path
   model = models.load_pretrained(_source_path(source), mesh=m, dtype=block.model.dtype,
-                                 param_dtype=block.model.param_dtype, remat=block.model.remat)
+                                 param_dtype=block.model.param_dtype, remat=block.model.remat,
+                                 on_indivisible=cfg.mesh.on_indivisible)
   if block.init == "layer_subset":
     if not block.layers:
       raise UserError(f"config.{who}.layers: expected teacher layer indices for layer_subset")
@@ -349,7 +391,8 @@ def load_export(cfg: ml_collections.ConfigDict, stage_folder: str,
     raise UserError(f"{path}: no exported model (run the stage that writes it first)")
   block = cfg[who].model
   return models.load_pretrained(path, mesh=mesh(cfg), dtype=block.dtype,
-                                param_dtype=block.param_dtype, remat=block.remat)
+                                param_dtype=block.param_dtype, remat=block.remat,
+                                on_indivisible=cfg.mesh.on_indivisible)
 
 
 def export(model: models.Model, tok, path: str) -> None:
@@ -360,5 +403,10 @@ def export(model: models.Model, tok, path: str) -> None:
          if not ok]
   if bad:
     raise UserError(f"{path}: not exported, non-finite parameters in {', '.join(bad[:3])}")
-  models.save_pretrained(model, path)
-  tok.save_pretrained(path)
+  if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+    from jax.experimental import multihost_utils
+    model = models.Model(model.config, multihost_utils.process_allgather(model.params, tiled=True))
+  if jax.process_index() == 0:
+    models.save_pretrained(model, path)
+    tok.save_pretrained(path)
+  distributed.sync(f"export:{path}")

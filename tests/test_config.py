@@ -142,3 +142,148 @@ def test_trust_config_shares_one_teacher_across_student_seeds():
   assert n * a.data.test >= 2000 and n * a.data.validation >= 1000
   assert a.data.num_ood_examples >= 500 and len(a.data.ood_tasks) >= 1
   train.run_checks(a)
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+def test_schema_names_every_key_of_base_and_nothing_else():
+  keys = set(config_lib.leaves(config_lib.base()))
+  schema = set(config_lib.SCHEMA)
+  assert not keys - schema, f"keys of base() without a SCHEMA entry: {sorted(keys - schema)}"
+  assert not schema - keys, f"SCHEMA entries that name no key of base(): {sorted(schema - keys)}"
+  blocks = set(config_lib.blocks(config_lib.base()))
+  assert set(config_lib.BLOCKS) <= blocks, set(config_lib.BLOCKS) - blocks
+
+
+def test_schema_entries_are_complete_and_hold_their_defaults():
+  defaults = config_lib.defaults()
+  for key, spec in config_lib.SCHEMA.items():
+    assert spec.doc.strip(), key
+    assert spec.stages and set(spec.stages) <= set(config_lib.STAGES), key
+    config_lib.check_key(key, defaults[key])  # every default is allowed
+    if spec.choices:
+      assert defaults[key] in spec.choices, key
+    if config_lib.type_name(key).startswith("tuple"):
+      assert spec.item is not None, f"{key}: a tuple key names its item type"
+
+
+def test_teacher_and_student_model_blocks_share_one_description():
+  fields = [k.split(".", 2)[2] for k in config_lib.SCHEMA if k.startswith("teacher.model.")]
+  assert fields and fields == [k.split(".", 2)[2] for k in config_lib.SCHEMA
+                               if k.startswith("student.model.")]
+  for f in fields:
+    t, s = config_lib.SCHEMA[f"teacher.model.{f}"], config_lib.SCHEMA[f"student.model.{f}"]
+    assert (t.doc, t.choices, t.lo) == (s.doc, s.choices, s.lo), f
+
+
+def test_model_choices_match_the_model_config():
+  from first_jax.models import config as model_config
+  assert config_lib.SCHEMA["teacher.model.model_type"].choices == model_config.MODEL_TYPES
+  assert config_lib.SCHEMA["teacher.model.dtype"].choices == model_config.DTYPES
+
+
+def test_stage_lists():
+  assert config_lib.keys_for("pipeline") == list(config_lib.SCHEMA)
+  train = config_lib.keys_for("train")
+  assert "distill.temperature_mode" in train and "finetune.lr" not in train
+  assert "calibrate.mode" in config_lib.keys_for("calibrate")
+  assert "calibrate.mode" not in train
+  assert "evaluate.scoring" in config_lib.keys_for("calibrate")
+
+
+_CHOICE_KEYS = [k for k, s in config_lib.SCHEMA.items() if s.choices]
+
+
+@pytest.mark.parametrize("key", _CHOICE_KEYS)
+def test_every_key_with_allowed_values_is_checked_by_validate(key):
+  with pytest.raises(UserError) as e:
+    config_lib.load(["--config", SMOKE, f"--config.{key}=bogus"])
+  spec = config_lib.SCHEMA[key]
+  assert str(e.value).startswith(f"config.{key}: expected {spec.expected(key)}, got 'bogus'")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config.distill.b1=1.0"], "config.distill.b1: expected 0 <= value < 1"),
+    (["--config.finetune.eps=0"], "config.finetune.eps: expected a value > 0"),
+    (["--config.data.max_len=1"], "config.data.max_len: expected an integer >= 2"),
+    (["--config.data.synthetic_size=0"], "config.data.synthetic_size: expected an integer >= 1"),
+    (["--config.student.model.num_heads=0"], "config.student.model.num_heads: expected"),
+    (["--config.mesh.fsdp=0"], "config.mesh.fsdp: expected a positive size or -1 (fill)"),
+    (["--config.evaluate.num_bins=10,0"], "config.evaluate.num_bins: expected a non-empty"),
+    (["--config.evaluate.num_bins=a,b"], "config.evaluate.num_bins: expected tuple[int]"),
+    (["--config.student.layers=x"], "config.student.layers: expected tuple[int]"),
+])
+def test_schema_ranges_and_types(args, needle):
+  with pytest.raises(UserError) as e:
+    config_lib.load(["--config", SMOKE] + args)
+  assert str(e.value).startswith(needle), str(e.value)
+
+
+def test_tuple_overrides_accept_comma_lists_and_literals():
+  cfg = config_lib.load(["--config", SMOKE, "--config.students=sft,first",
+                         "--config.evaluate.num_bins=10, 20", "--config.evaluate.post_hoc=first",
+                         "--config.data.ood_tasks=", "--config.evaluate.post_hoc_grid=0.5,2,9",
+                         "--config.distill.length_buckets=(16, 32)"])
+  assert cfg.students == ("sft", "first") and cfg.evaluate.num_bins == (10, 20)
+  assert cfg.evaluate.post_hoc == ("first",) and cfg.data.ood_tasks == ()
+  assert cfg.evaluate.post_hoc_grid == (0.5, 2, 9) and cfg.distill.length_buckets == (16, 32)
+  cfg = config_lib.load(["--config", SMOKE, "--config.students=('sft', 'kd')",
+                         "--config.data.ood_tasks='a,b', c,"])
+  assert cfg.students == ("sft", "kd") and cfg.data.ood_tasks == ("a,b", "c")
+
+
+def test_unknown_key_and_wrong_type_in_a_config_file(tmp_path):
+  path = tmp_path / "c.py"
+  path.write_text("from first_jax import config as config_lib\n"
+                  "def get_config():\n  c = config_lib.base()\n  c.distill.lrr = 1.0\n  return c\n")
+  with pytest.raises(UserError, match=r"^config\.distill\.lrr: unknown key"):
+    config_lib.load(["--config", str(path)])
+  import ml_collections
+  cfg = config_lib.load_file(SMOKE)
+  with cfg.unlocked():
+    cfg.extract = ml_collections.ConfigDict(dict(cfg.extract.to_dict(), k="5"))
+  with pytest.raises(UserError, match=r"^config\.extract\.k: expected int, got '5'"):
+    config_lib.validate(cfg)
+
+
+def test_validate_without_paths(tmp_path):
+  cfg = config_lib.load_file(SMOKE)
+  config_lib.apply_override(cfg, "teacher.init", "pretrained")
+  config_lib.apply_override(cfg, "teacher.path", "/no/such/model")
+  config_lib.apply_override(cfg, "tokenizer", "/no/such/tokenizer")
+  config_lib.validate(cfg, check_paths=False)
+  with pytest.raises(UserError, match="config.tokenizer"):
+    config_lib.validate(cfg)
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+@pytest.mark.parametrize("stage", ["finetune", "extract", "calibrate", "train", "evaluate",
+                                   "pipeline"])
+def test_stage_help_lists_the_keys_it_reads(stage, capsys):
+  import importlib
+  from first_jax import cli
+  module = importlib.import_module(f"first_jax.{stage}")
+  assert cli.stage_main(module.run, ["--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"usage: python -m first_jax.{stage} --config FILE")
+  assert cli.stage_purpose(stage) and cli.stage_purpose(stage)[:40] in " ".join(out.split())
+  for key in config_lib.keys_for(stage):
+    assert f"\n  {key}: {config_lib.type_name(key)} = " in out, key
+  assert "a,b for strings" in out and "docs/config.md" in out
+
+
+def test_first_jax_help(capsys):
+  from first_jax import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert all(f"  {s}" in out for s in cli.STAGES)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["calibrate", "--config", SMOKE, "-h"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: first-jax calibrate") and "calibrate.mode: str" in out

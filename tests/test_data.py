@@ -291,17 +291,6 @@ def test_eval_iterator_pads_last_batch():
   np.testing.assert_array_equal(real, np.arange(10))
 
 
-def test_host_slice():
-  rng = np.random.default_rng()
-  batch = next(data.BatchIterator(_arrays(rng, 32), 8, seed=1))
-  parts = [data.host_slice(batch, h, 4) for h in range(4)]
-  for k in batch:
-    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])
-  assert parts[2]["x"].shape == (2, 3)
-  with pytest.raises(UserError):
-    data.host_slice(batch, 0, 3)
-
-
 def _padded(rng, n, length=40):
   lengths = rng.integers(3, length + 1, size=n)
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)

@@ -1,6 +1,7 @@
 """The smoke pipeline end to end (every stage), its outputs, skipping, and refusals."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -76,19 +77,91 @@ def test_second_run_skips_finished_stages(workdir, caplog):
 
 def test_rerun_keeps_the_stage_times_of_the_run_that_did_the_work(workdir):
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
-  assert pipeline.done_already(cfg) == {"finetune", "extract", "train"}
+  assert pipeline.done_already(cfg) == set(pipeline.STAGES)  # calibrate, evaluate included
   path = os.path.join(workdir, "timings.json")
   with open(path) as f:
     first = json.load(f)
   pipeline.run(cfg)
   with open(path) as f:
     second = json.load(f)
-  for stage in ("finetune", "extract", "train"):
+  for stage in pipeline.STAGES:  # every stage is skipped: each keeps its first figure
     assert second[stage] == first[stage] > 0, stage
-  assert second["evaluate"] != first["evaluate"]  # evaluate runs again and is timed again
   other = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}",
                            "--config.finetune.lr=0.5"])
   assert pipeline.done_already(other) == set()  # another teacher: nothing is done
+
+
+def test_finished_workdir_rerun_does_no_work_and_says_so(workdir, caplog):
+  caplog.set_level("INFO")
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
+  outputs = [os.path.join(workdir, p) for p in (
+      "teacher/done.json", "store/manifest.json", "students/first/done.json",
+      "eval/results.json", "eval/done.json", "eval/events.json", "data/split.json")]
+  before = {p: os.stat(p).st_mtime_ns for p in outputs}
+  t0 = time.time()
+  result = pipeline.run(cfg)
+  seconds = time.time() - t0
+  messages = [r.getMessage() for r in caplog.records]
+  for stage in pipeline.STAGES:
+    assert any(m.startswith(f"{stage}: done already") for m in messages), (stage, messages)
+  assert not any(m.startswith("pipeline: ") and "done (" not in m for m in messages), messages
+  assert {p: os.stat(p).st_mtime_ns for p in outputs} == before  # nothing was rewritten
+  assert result["first"]["in_domain"]["n"] > 0  # the stored results, as a run returns them
+  assert seconds < 30, seconds
+
+
+def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(workdir, caplog):
+  from first_jax import calibrate, evaluate
+  caplog.set_level("INFO")
+  args = ["--config", SMOKE, f"--config.workdir={workdir}"]
+  cfg = config_lib.load(args)
+  calib = calibrate.run(cfg)
+  results = evaluate.run(cfg)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith("calibrate: done already") for m in messages), messages
+  assert any(m.startswith("evaluate: done already") for m in messages), messages
+  manifest = json.load(open(os.path.join(workdir, "store", "manifest.json")))
+  assert calib == manifest["calibration"] and "fingerprint" not in calib  # block as before
+  assert manifest[calibrate.FINGERPRINT] == calibrate.fingerprint(cfg, manifest)
+  assert results == json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]
+  done = json.load(open(os.path.join(workdir, "eval", "done.json")))
+  assert done["models"]["first"] == workspace.done_fingerprint(
+      os.path.join(workdir, "students", "first"))
+  extra = os.path.join(workdir, "students", "kd", "export")
+  # (key, changes the calibration, changes the evaluation): the evaluation follows the
+  # calibration through the students it retrains (their done.json fingerprints)
+  for key, calib_changes, eval_changes in (
+      ("calibrate.num_bins=15", True, False), ("distill.tail=renormalize", True, False),
+      ("evaluate.scoring=vocab", True, True), ("evaluate.num_bins=(15,)", False, True),
+      ("evaluate.post_hoc=('sft',)", False, True), (f"evaluate.models=('{extra}',)", False, True)):
+    other = config_lib.load(args + [f"--config.{key}"])
+    assert calibrate.is_done(other) != calib_changes, key
+    assert evaluate.is_done(other) != eval_changes, key
+  assert calibrate.is_done(cfg) and evaluate.is_done(cfg)
+
+
+def test_resume_false_starts_over_moving_each_stage_folder_aside(workdir, tmp_path, caplog):
+  import shutil
+  wd = str(tmp_path / "again")
+  shutil.copytree(workdir, wd)
+  caplog.set_level("INFO")
+  args = ["--config", SMOKE, f"--config.workdir={wd}", "--config.students=('sft',)"]
+  pipeline.run(config_lib.load(args + ["--config.resume=false"]))
+  moved = {}
+  for r in caplog.records:
+    m = r.getMessage()
+    if m.startswith("resume=false: moved "):
+      src, dst = m[len("resume=false: moved "):].split(";")[0].split(" to ")
+      moved[os.path.relpath(src, wd)] = dst
+  assert sorted(moved) == ["eval", "store", os.path.join("students", "sft"), "teacher"]
+  for rel, dst in moved.items():
+    assert dst.startswith(os.path.join(wd, rel) + ".old-") and os.path.isdir(dst), dst
+    assert os.path.isdir(os.path.join(wd, rel))  # written again from nothing
+  assert os.path.exists(os.path.join(moved["teacher"], "done.json"))  # the old run, kept
+  assert not any("resuming at step" in r.getMessage() for r in caplog.records)
+  assert os.path.isdir(os.path.join(wd, "students", "kd"))  # not a student of this config
+  cfg = config_lib.load(args)
+  assert pipeline.done_already(cfg) == set(pipeline.STAGES)  # a complete run again
 
 
 def test_corrupted_shard_is_refused_naming_it(workdir, tmp_path, capsys):
@@ -201,6 +274,7 @@ def test_evaluate_rerun_scores_from_the_cache(workdir, tmp_path, caplog):
   shutil.copytree(workdir, wd)
   caplog.set_level("INFO")
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
+  os.remove(os.path.join(wd, "eval", "done.json"))  # past the done-check, to the score cache
   again = evaluate.run(cfg)
   assert sum("scores cached" in r.message for r in caplog.records) == 2 + len(cfg.students)
   with open(os.path.join(workdir, "eval", "results.json")) as f:

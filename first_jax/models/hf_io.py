@@ -27,7 +27,7 @@ from first_jax.errors import UserError
 from first_jax.io_util import atomic_path, atomic_write_json
 from first_jax.models.config import DTYPES, ModelConfig
 from first_jax.models.llama import Decoder, abstract_params
-from first_jax.sharding import DEFAULT_RULES, Rules, param_shardings, unbox
+from first_jax.sharding import DEFAULT_RULES, Rules, param_shardings, put_global, unbox
 
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -117,7 +117,8 @@ def hf_to_params(config: ModelConfig, named_tensors: Iterable[tuple[str, np.ndar
   seen: set[str] = set()
 
   def place(path, array):
-    out[path] = jax.device_put(array, flat_shardings.get(path))
+    s = flat_shardings.get(path)
+    out[path] = jax.device_put(array) if s is None else put_global(array, s)
 
   for name, w in named_tensors:
     spec = specs.get(name)
