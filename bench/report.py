@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict:
                   help="skip collecting: rebuild the report from <out>/results/NAME_*.json")
   ap.add_argument("--name", required=True, help="report name: <out>/NAME.md, seed files NAME_<tag>")
   ap.add_argument("--title", default=None, help="report title (default: NAME)")
-  ap.add_argument("--out", default="docs")
+  ap.add_argument("--out", required=True, help="the docs folder the report and seed records go to")
   ap.add_argument("--summary", default=None, help="write the summary JSON here")
   ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
   ap.add_argument("--reading", default=None,

@@ -248,12 +248,12 @@ def apply_fn(module) -> Callable:
   return models.apply_fn(module)
 
 
-def topk_program(module, k: int, mesh) -> tuple[Callable, str]:
+def topk_program(module, params, k: int, mesh) -> tuple[Callable, str]:
   """first_jax's extraction program at all positions, `fn(params, batch) -> {teacher_*}`, and
   the call that built it."""
   from first_jax import infer
-  return (infer.topk_program(module, k, False, mesh),
-          "infer.topk_program(module, k, answer_only=False, mesh)")
+  return (infer.topk_program(module, params, k, False, mesh),
+          "infer.topk_program(module, params, k, answer_only=False, mesh)")
 
 
 def compile_train_step(module, params, spec, tx, mesh, seed: int) -> tuple[Any, Callable, str]:
@@ -424,7 +424,7 @@ def _mass_share(ctx: Context, s: Settings) -> tuple[dict[str, Any], np.ndarray, 
   import jax
   from first_jax import sharding
   params, module = ctx.model.params, ctx.model.module
-  fn, _ = topk_program(module, s.mass_k, ctx.mesh)
+  fn, _ = topk_program(module, params, s.mass_k, ctx.mesh)
   lps, ids = [], []
   mask = np.ones((s.batch, s.length), np.int32)
   for i in range(s.mass_batches):
@@ -499,7 +499,7 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
   ids = ctx.windows(0, b, l)
   mask = np.ones((b, l), np.int32)
   params = ctx.model.params
-  fn, how = topk_program(ctx.model.module, k, ctx.mesh)
+  fn, how = topk_program(ctx.model.module, params, k, ctx.mesh)
   batch_sh = sharding.batch_sharding(ctx.mesh)
   tmodel = ctx.torch_model
   ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))

@@ -5,7 +5,8 @@ Point the paths at local Hugging Face folders (config.json + safetensors) and th
 Alpaca-style JSONL (instruction / input / output):
 
     python -m first_jax.pipeline --config configs/llama2_13b_to_7b.py \\
-        --config.teacher.path=/ckpt/Llama-2-13b-chat-hf --config.student.path=/ckpt/Llama-2-7b-chat-hf \\
+        --config.teacher.path=/ckpt/Llama-2-13b-chat-hf \\
+        --config.student.path=/ckpt/Llama-2-7b-chat-hf \\
         --config.tokenizer=/ckpt/Llama-2-13b-chat-hf --config.data.task=/data/alpaca.jsonl
 
 For a real run the architecture is read from the checkpoints; the `model` blocks below hold the
@@ -23,33 +24,12 @@ LLAMA2 = dict(model_type="llama", vocab_size=32000, rope_theta=1e4, rms_norm_eps
 
 
 def get_config(arg: str = ""):
-  c = config_lib.base()
-  c.workdir = "workdir/llama2_13b_to_7b"
-  c.tokenizer = "/ckpt/Llama-2-13b-chat-hf"
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
-  c.data.kind = "text"
-  c.data.source = "hf"
-  c.data.task = "/data/alpaca.jsonl"
-  c.data.max_len = 2048
-  c.data.use_chat_template = True
-  c.data.validation, c.data.test = 0.02, 0.02
-  c.teacher.init = "pretrained"
-  c.teacher.path = "/ckpt/Llama-2-13b-chat-hf"
-  c.teacher.model = config_lib.model_block(
-      hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
-      head_dim=128, **LLAMA2)
-  c.student.init = "pretrained"
-  c.student.path = "/ckpt/Llama-2-7b-chat-hf"
-  c.student.model = config_lib.model_block(
-      hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-      head_dim=128, **LLAMA2)
-  optim = dict(lr=2e-6, epochs=3, batch_size=16, grad_accum=8, warmup_ratio=0.03,
-               weight_decay=0.0, clip_norm=1.0)
-  c.finetune.update(optim)
-  c.distill.update(optim)
-  c.extract.k = 5
-  c.extract.batch_size = 16
-  c.evaluate.batch_size = 16
-  c.checkpoint.every_steps = 200
-  c.students = ("sft", "kd", "first")
-  return c
+  return config_lib.paper_scale(
+      "llama2_13b_to_7b",
+      teacher="/ckpt/Llama-2-13b-chat-hf", student="/ckpt/Llama-2-7b-chat-hf",
+      teacher_model=config_lib.model_block(
+          hidden_size=5120, intermediate_size=13824, num_layers=40,
+          num_heads=40, num_kv_heads=40, head_dim=128, **LLAMA2),
+      student_model=config_lib.model_block(
+          hidden_size=4096, intermediate_size=11008, num_layers=32,
+          num_heads=32, num_kv_heads=32, head_dim=128, **LLAMA2))

@@ -23,33 +23,12 @@ QWEN = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=
 
 
 def get_config(arg: str = ""):
-  c = config_lib.base()
-  c.workdir = "workdir/qwen1_5_7b_to_1_8b"
-  c.tokenizer = "/ckpt/Qwen1.5-7B-Chat"
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
-  c.data.kind = "text"
-  c.data.source = "hf"
-  c.data.task = "/data/alpaca.jsonl"
-  c.data.max_len = 2048
-  c.data.use_chat_template = True
-  c.data.validation, c.data.test = 0.02, 0.02
-  c.teacher.init = "pretrained"
-  c.teacher.path = "/ckpt/Qwen1.5-7B-Chat"
-  c.teacher.model = config_lib.model_block(
-      hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-      head_dim=128, **QWEN)
-  c.student.init = "pretrained"
-  c.student.path = "/ckpt/Qwen1.5-1.8B-Chat"
-  c.student.model = config_lib.model_block(
-      hidden_size=2048, intermediate_size=5504, num_layers=24, num_heads=16, num_kv_heads=16,
-      head_dim=128, **QWEN)
-  optim = dict(lr=2e-6, epochs=3, batch_size=16, grad_accum=8, warmup_ratio=0.03,
-               weight_decay=0.0, clip_norm=1.0)
-  c.finetune.update(optim)
-  c.distill.update(optim)
-  c.extract.k = 5
-  c.extract.batch_size = 16
-  c.evaluate.batch_size = 16
-  c.checkpoint.every_steps = 200
-  c.students = ("sft", "kd", "first")
-  return c
+  return config_lib.paper_scale(
+      "qwen1_5_7b_to_1_8b",
+      teacher="/ckpt/Qwen1.5-7B-Chat", student="/ckpt/Qwen1.5-1.8B-Chat",
+      teacher_model=config_lib.model_block(
+          hidden_size=4096, intermediate_size=11008, num_layers=32,
+          num_heads=32, num_kv_heads=32, head_dim=128, **QWEN),
+      student_model=config_lib.model_block(
+          hidden_size=2048, intermediate_size=5504, num_layers=24,
+          num_heads=16, num_kv_heads=16, head_dim=128, **QWEN))

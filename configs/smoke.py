@@ -26,6 +26,7 @@ def get_config(arg: str = ""):
   if arg == "text":
     c.workdir = "workdir/smoke_text"
     c.data.kind = "text"
+    c.data.synthetic_size = 240
     c.data.max_len = 40
     c.data.answer_template = "The answer is {answer}."
     c.distill.length_buckets = (24, 32, 40)

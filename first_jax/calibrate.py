@@ -17,7 +17,6 @@ data and k) and of the config keys the search reads; a re-run whose fingerprint 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -108,13 +107,7 @@ def fingerprint(cfg, manifest: dict) -> str:
 
 
 def _manifest(cfg) -> dict | None:
-  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
-  try:
-    with open(path) as f:
-      m = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return m if isinstance(m, dict) else None
+  return store.read_manifest(workspace.folder(cfg, "store"))
 
 
 def is_done(cfg, data_fingerprint: str | None = None) -> bool:
@@ -157,7 +150,7 @@ def run(cfg) -> dict:
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"
   mesh = workspace.mesh(cfg)
-  fn = infer.topk_program(teacher.module, k_report, not text, mesh)
+  fn = infer.topk_program(teacher.module, teacher.params, k_report, not text, mesh)
   top = infer.topk_rows(fn, teacher.params, val, cfg.extract.batch_size, mesh, desc="calibrate")
   lp_NxR, ids_NxR, _, gold_N = (token_events if text else answer_events)(top, val)
   mass_NxR = np.cumsum(np.exp(lp_NxR.astype(np.float64)), axis=-1)

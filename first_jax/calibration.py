@@ -137,3 +137,21 @@ def binary_nll(log_confidence_N: jax.Array, log_one_minus_N: jax.Array, correct_
   c_N = jnp.asarray(correct_N, jnp.float32)
   v_N = -jnp.where(c_N > 0.5, log_confidence_N, log_one_minus_N)
   return _weighted_mean(v_N, weights_N)
+
+
+def summary(confidence_N: jax.Array, correct_N: jax.Array,
+            num_bins: tuple[int, ...]) -> dict:
+  """The calibration metrics every report carries, as Python floats: `ece{M}` (equal width) and
+  `ece{M}_mass` (equal mass) for each bin count M, `ece` and `mce` at the first, and its
+  reliability bins (count, mean confidence, accuracy)."""
+  out = {}
+  for nb in num_bins:
+    for binning, tag in (("equal_width", ""), ("equal_mass", "_mass")):
+      out[f"ece{nb}{tag}"] = float(ece(confidence_N, correct_N, nb, binning))
+  out["ece"] = out[f"ece{num_bins[0]}"]
+  out["mce"] = float(mce(confidence_N, correct_N, num_bins[0]))
+  rel = reliability(confidence_N, correct_N, num_bins[0])
+  out["reliability"] = {"count": np.asarray(rel.count_M).tolist(),
+                        "confidence": np.asarray(rel.confidence_M).tolist(),
+                        "accuracy": np.asarray(rel.accuracy_M).tolist()}
+  return out

@@ -388,6 +388,35 @@ def model_block(**fields: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(base)
 
 
+def paper_scale(name: str, teacher: str, student: str, teacher_model: ml_collections.ConfigDict,
+                student_model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's setting for a pre-trained teacher/student pair of local HF folders (`teacher`,
+  `student`; the tokenizer is the teacher's): instruction data (an Alpaca-style JSONL, chat
+  template), block 2048, k = 5, global batch 128 (16 rows x 8 accumulated steps), lr 2e-6,
+  3 epochs, cosine with 3% warmup, an FSDP mesh over 8 devices. The model blocks carry the
+  architectures (the plan sizes the programs from them; a run reads them from the folders)."""
+  c = base()
+  c.workdir = f"workdir/{name}"
+  c.tokenizer = teacher
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+  c.data.kind, c.data.source, c.data.task = "text", "hf", "/data/alpaca.jsonl"
+  c.data.max_len = 2048
+  c.data.use_chat_template = True
+  c.data.validation, c.data.test = 0.02, 0.02
+  c.teacher.init, c.teacher.path, c.teacher.model = "pretrained", teacher, teacher_model
+  c.student.init, c.student.path, c.student.model = "pretrained", student, student_model
+  optim = dict(lr=2e-6, epochs=3, batch_size=16, grad_accum=8, warmup_ratio=0.03,
+               weight_decay=0.0, clip_norm=1.0)
+  c.finetune.update(optim)
+  c.distill.update(optim)
+  c.extract.k = 5
+  c.extract.batch_size = 16
+  c.evaluate.batch_size = 16
+  c.checkpoint.every_steps = 200
+  c.students = ("sft", "kd", "first")
+  return c
+
+
 def base() -> ml_collections.ConfigDict:
   """Every key a stage reads, with its default. Experiment configs start here and override."""
   c = ml_collections.ConfigDict()

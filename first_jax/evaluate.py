@@ -64,7 +64,8 @@ def answer_scores(params: Any, batch: dict[str, jax.Array], *,
 
 def scorer(model, mesh):
   """The jitted answer-position scoring of `model` (one per model, reused for every set)."""
-  return infer.jit(functools.partial(answer_scores, apply=models.apply_fn(model.module)), mesh)
+  return infer.jit(functools.partial(answer_scores, apply=models.apply_fn(model.module)),
+                   model.params, mesh)
 
 
 def score(fn, model, arrays: dict, batch_size: int, mesh,
@@ -118,15 +119,7 @@ def metrics(ev: dict[str, np.ndarray], num_bins: tuple[int, ...]) -> dict[str, A
       "n": int(len(correct_N)), "accuracy": float(correct_N.mean()),
       "confidence": float(conf_N.mean()), "brier": float(calibration.brier(jnp.exp(lp), label_N)),
       "nll": float(calibration.nll(lp, label_N))}
-  for nb in num_bins:
-    for binning, tag in (("equal_width", ""), ("equal_mass", "_mass")):
-      out[f"ece{nb}{tag}"] = float(calibration.ece(conf_N, correct_N, nb, binning))
-  out["ece"] = out[f"ece{num_bins[0]}"]
-  out["mce"] = float(calibration.mce(conf_N, correct_N, num_bins[0]))
-  rel = calibration.reliability(conf_N, correct_N, num_bins[0])
-  out["reliability"] = {"count": np.asarray(rel.count_M).tolist(),
-                        "confidence": np.asarray(rel.confidence_M).tolist(),
-                        "accuracy": np.asarray(rel.accuracy_M).tolist()}
+  out.update(calibration.summary(conf_N, correct_N, num_bins))
   return out
 
 

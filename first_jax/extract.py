@@ -39,7 +39,8 @@ def run(cfg) -> str:
   mesh = workspace.mesh(cfg)
   # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
   # text: the top-k at every position, of which the store keeps the response tokens'.
-  fn = infer.topk_program(teacher.module, cfg.extract.k, workspace.answer_only(cfg), mesh)
+  fn = infer.topk_program(teacher.module, teacher.params, cfg.extract.k,
+                          workspace.answer_only(cfg), mesh)
   n, size = len(train["input_ids"]), cfg.extract.shard_size
   num_shards = -(-n // size)
   for index in range(num_shards):

@@ -49,16 +49,20 @@ def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
   return out
 
 
-def topk_program(module, k: int, answer_only: bool, mesh) -> Callable:
-  """The jitted extraction program of `module`: forward + top-k, outputs split over the batch."""
+def topk_program(module, params: Any, k: int, answer_only: bool, mesh) -> Callable:
+  """The jitted extraction program of `module` with `params`' layout: forward + top-k, outputs
+  split over the batch."""
   return jit(functools.partial(teacher_topk, apply=models.apply_fn(module), k=k,
-                               answer_only=answer_only), mesh)
+                               answer_only=answer_only), params, mesh)
 
 
-def jit(fn: Callable, mesh) -> Callable:
-  """`fn(params, batch) -> {name: [B, ...]}` jitted with its outputs split over the batch axis
-  like its inputs (params keep the layout they were placed with)."""
-  return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
+def jit(fn: Callable, params: Any, mesh) -> Callable:
+  """`fn(params, batch) -> {name: [B, ...]}` jitted with explicit layouts: `params` as they are
+  placed (arrays or ShapeDtypeStructs with shardings), every batch entry and every output split
+  over the batch axis."""
+  bs = sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(jax.tree.map(lambda x: x.sharding, params), bs),
+                 out_shardings=bs)
 
 
 def all_processes(flag: bool) -> bool:

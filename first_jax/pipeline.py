@@ -26,13 +26,8 @@ STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
 def _store_done(cfg, data_fingerprint: str) -> bool:
   """The store is complete and of this config's teacher, data, k and log-prob dtype (what
   extract would otherwise verify, or refuse)."""
-  path = os.path.join(workspace.folder(cfg, "store"), store.MANIFEST)
-  try:
-    with open(path) as f:
-      m = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return bool(isinstance(m, dict) and m.get("complete")
+  m = store.read_manifest(workspace.folder(cfg, "store"))
+  return bool(m is not None and m.get("complete")
               and (m.get("teacher") or {}).get("fingerprint") == workspace.teacher_fingerprint(cfg)
               and m.get("data_fingerprint") == data_fingerprint and m.get("k") == cfg.extract.k
               and m.get("logprob_dtype") == cfg.extract.logprob_dtype)

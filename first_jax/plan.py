@@ -151,7 +151,7 @@ def plan(cfg) -> list[Program]:
   eb = {n: eb[n] for n in ("input_ids", "attention_mask", "answer_pos") if n in eb}
   ex = Program("extract (teacher forward + top-k)", params=_per_device(t_params),
                batch=_per_device(eb))
-  out.append(_compile(ex, infer.topk_program(t_mod, k, ao, mesh), t_params, eb))
+  out.append(_compile(ex, infer.topk_program(t_mod, t_params, k, ao, mesh), t_params, eb))
   d = cfg.distill
   kd = dict(kind="topk_kd", k=k, tail=d.tail, direction=d.direction,
             temperature_mode=d.temperature_mode, num_bins=cfg.calibrate.num_bins,

@@ -320,6 +320,17 @@ def _check_same(store_dir: str, old: dict, new: dict) -> None:
                       f"{_short(new[f])}); use a new store dir or delete it")
 
 
+def read_manifest(store_dir: str | os.PathLike) -> dict | None:
+  """The store's manifest.json for done-checks: None when absent or unreadable (the stage that
+  writes it decides what to do; `StoreReader` refuses a damaged one with one line)."""
+  try:
+    with open(os.path.join(store_dir, MANIFEST)) as f:
+      m = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return m if isinstance(m, dict) else None
+
+
 def search_key(mode: str, tail: str) -> str:
   """Key of one temperature search in the manifest's calibration block ("log_space-bucket")."""
   return f"{mode}-{tail}"

@@ -57,7 +57,7 @@ def token_scores(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
 def scorer(model, t_T: np.ndarray, mesh):
   """The jitted token scoring of `model` at the temperatures t_T."""
   return infer.jit(functools.partial(token_scores, apply=models.apply_fn(model.module),
-                                     t_T=jnp.asarray(t_T)), mesh)
+                                     t_T=jnp.asarray(t_T)), model.params, mesh)
 
 
 def score(fn, model, arrays: dict, batch_size: int, mesh,
@@ -102,15 +102,7 @@ def token_metrics(ev: dict[str, np.ndarray], num_bins: tuple[int, ...]) -> dict[
       "accuracy": float(np.mean(ev["correct"])), "confidence": float(np.mean(ev["confidence"])),
       "nll": nll, "perplexity": float(np.exp(nll)), "brier": float(np.mean(ev["brier"])),
       "brier_top1": float(calibration.binary_brier(conf_M, correct_M))}
-  for nb in num_bins:
-    for binning, tag in (("equal_width", ""), ("equal_mass", "_mass")):
-      out[f"ece{nb}{tag}"] = float(calibration.ece(conf_M, correct_M, nb, binning))
-  out["ece"] = out[f"ece{num_bins[0]}"]
-  out["mce"] = float(calibration.mce(conf_M, correct_M, num_bins[0]))
-  rel = calibration.reliability(conf_M, correct_M, num_bins[0])
-  out["reliability"] = {"count": np.asarray(rel.count_M).tolist(),
-                        "confidence": np.asarray(rel.confidence_M).tolist(),
-                        "accuracy": np.asarray(rel.accuracy_M).tolist()}
+  out.update(calibration.summary(conf_M, correct_M, num_bins))
   return out
 
 

@@ -17,6 +17,7 @@ import jax
 
 from first_jax import checkpoint as ckpt_lib
 from first_jax import data as data_lib
+from first_jax import distributed
 from first_jax import io_util, models
 from first_jax import log as log_lib
 from first_jax import preemption, sharding
@@ -123,7 +124,16 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
     max_skipped: stop (UserError) after this many steps in a row whose update was skipped for a
       non-finite gradient.
   """
-  ckpt = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"), keep=keep)
+  ckpt_dir = os.path.join(folder, "checkpoints")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=keep)
+  if not resume and ckpt.latest_step() is not None:  # start over: the old steps moved aside
+    ckpt.close()
+    if jax.process_index() == 0:
+      aside = f"{ckpt_dir}.old-{int(time.time())}"
+      os.rename(ckpt_dir, aside)
+      log.warning("%s: resume=false, starting over; earlier checkpoints moved to %s", name, aside)
+    distributed.sync(f"start over: {ckpt_dir}")
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=keep)
   start = 0
   if resume and ckpt.latest_step() is not None:
     # the newest step that restores completely (state and data position); damaged ones are

@@ -72,9 +72,10 @@ def damage_warnings(caplog):
 
 @pytest.mark.parametrize("damage, reason", [
     (truncate_largest_array_file, "Error reading"),
-    (remove_data_position, "FileNotFoundError"),
+    pytest.param(remove_data_position, "FileNotFoundError", marks=pytest.mark.slow),
     (garbage_data_position, "JSONDecodeError"),
-    (impossible_data_position, "not a position of this iterator"),
+    pytest.param(impossible_data_position, "not a position of this iterator",
+                 marks=pytest.mark.slow),
 ])
 def test_a_damaged_latest_step_falls_back_to_the_previous_one(runs, tmp_path, caplog, capfd,
                                                               damage, reason):

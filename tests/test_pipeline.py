@@ -140,6 +140,7 @@ def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(wor
   assert calibrate.is_done(cfg) and evaluate.is_done(cfg)
 
 
+@pytest.mark.slow
 def test_resume_false_starts_over_moving_each_stage_folder_aside(workdir, tmp_path, caplog):
   import shutil
   wd = str(tmp_path / "again")

@@ -276,7 +276,7 @@ def test_collect_from_workdir(report, tmp_path):
                       "calibration", "store", "timings"}
   assert got["tag"] == "seed3" and got["events"] == rec["events"]
   assert got["store"] == {"bytes": 1000, "k": 5, "seq_len": 10, "logprob_dtype": "float16",
-                          "records": 7}
+                          "records": 7, "positions": 10, "scored_tokens": None}
   assert os.path.exists(os.path.join(out, "results", "figures", "t_reliability_in_domain.png"))
   with open(os.path.join(out, "t.md")) as f:
     assert "![reliability_in_domain](results/figures/t_reliability_in_domain.png)" in f.read()

@@ -62,29 +62,34 @@ def _one_step(spec, mesh):
   return state, metrics
 
 
-@pytest.mark.parametrize("kind", sorted(SPECS))
-def test_one_step_sharded_equals_one_device(kind):
+# Every program on the 3-axis mesh; on pure data parallelism the online one (which holds the
+# other two's parts) by default, the other two under -m slow (the suite's time budget).
+CASES = [(k, (2, 2, 2)) for k in sorted(SPECS)] + [("online_kd_search", (8, 1, 1))] + [
+    pytest.param(k, (8, 1, 1), marks=pytest.mark.slow) for k in ("finetune", "offline_kd")]
+
+
+@pytest.mark.parametrize("kind, shape", CASES)
+def test_one_step_sharded_equals_one_device(kind, shape):
   spec = SPECS[kind]
   ref_state, ref_metrics = _one_step(spec, sh.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  for shape in ((2, 2, 2), (8, 1, 1)):
-    mesh = sh.make_mesh(*shape)
-    state, metrics = _one_step(spec, mesh)
-    emb = state.params["embed"]
-    assert len(emb.sharding.device_set) == 8  # the state is laid out over the whole mesh
-    if shape == (2, 2, 2):
-      assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-      moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
-                 if "embed" in jax.tree_util.keystr(path)]  # AdamW's mu and nu of the embedding
-      assert len(moments) == 2 and all(m.sharding.spec == emb.sharding.spec for m in moments)
-    loss, ref_loss = (float(m["loss"][0] / m["loss"][1]) for m in (metrics, ref_metrics))
-    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (shape, loss, ref_loss)
-    assert float(metrics["temperature"][0]) == pytest.approx(float(ref_metrics["temperature"][0]),
-                                                             abs=1e-5)
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         ref_state.params, init_params(STUDENT, jax.random.key(1)))
-    assert max(jax.tree.leaves(moved)) > 1e-4  # the step did change the params (lr 1e-3)
-    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                        state.params, ref_state.params)
-    assert max(jax.tree.leaves(diff)) <= 1e-5, (shape, diff)
+  mesh = sh.make_mesh(*shape)
+  state, metrics = _one_step(spec, mesh)
+  emb = state.params["embed"]
+  assert len(emb.sharding.device_set) == 8  # the state is laid out over the whole mesh
+  if shape == (2, 2, 2):
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if "embed" in jax.tree_util.keystr(path)]  # AdamW's mu and nu of the embedding
+    assert len(moments) == 2 and all(m.sharding.spec == emb.sharding.spec for m in moments)
+  loss, ref_loss = (float(m["loss"][0] / m["loss"][1]) for m in (metrics, ref_metrics))
+  assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (shape, loss, ref_loss)
+  assert float(metrics["temperature"][0]) == pytest.approx(float(ref_metrics["temperature"][0]),
+                                                           abs=1e-5)
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       ref_state.params, init_params(STUDENT, jax.random.key(1)))
+  assert max(jax.tree.leaves(moved)) > 1e-4  # the step did change the params (lr 1e-3)
+  diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                      state.params, ref_state.params)
+  assert max(jax.tree.leaves(diff)) <= 1e-5, (shape, diff)
   if spec.search:  # the in-step search moved the temperature away from its start
     assert float(ref_state.temperature) != pytest.approx(1.5)

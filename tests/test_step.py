@@ -163,11 +163,36 @@ def test_online_search_ends_within_ten_percent_of_the_offline_search():
 
 
 def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
+  """Through the jitted step training builds (`trainer.compile_step`, state donated): the
+  teacher's buffers survive every step (never donated) with their values, and the optimizer
+  holds moments shaped like the student's params only (the 2-layer teacher's differ)."""
+  from first_jax import sharding, trainer
   student, teacher, batch = tiny(9), tiny(10, layers=2), make_batch(11)
-  before = jax.tree.map(np.asarray, teacher.params)
-  state, losses = run_steps(student, step.LossSpec(kind="topk_kd", online=True,
-                                                   temperature_mode=None), batch, 3, teacher)
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher.params))
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  rep = sharding.replicated(mesh)
+  place = lambda p: jax.device_put(p, rep)  # noqa: E731
+  student_params, teacher_params = place(student.params), place(teacher.params)
+  before = jax.tree.map(np.asarray, teacher_params)
+  tx = step.make_optimizer(lr=3e-3, total_steps=3, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  spec = step.LossSpec(kind="topk_kd", online=True, temperature_mode=None)
+  state, fn = trainer.compile_step(student.module, student_params, spec, tx, mesh,
+                                   sharding.batch_sharding(mesh), seed=0,
+                                   teacher_module=teacher.module, teacher_params=teacher_params)
+  losses = []
+  for _ in range(3):
+    old = state
+    state, m = fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)), teacher_params)
+    losses.append(float(m["loss"][0] / m["loss"][1]))
+  assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # the state is donated
+  assert not any(x.is_deleted() for x in jax.tree.leaves(teacher_params))  # the teacher is not
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_params))
+  shapes = lambda t: [x.shape for x in jax.tree.leaves(t)]  # noqa: E731
+  moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+             if path and any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
+  assert len(moments) == 2 * len(jax.tree.leaves(student.params))
+  assert sorted(x.shape for x in moments) == sorted(shapes(student.params) * 2)
+  assert sorted(shapes(student.params)) != sorted(shapes(teacher.params))
   assert jax.tree.structure(state.params) == jax.tree.structure(student.params)
   assert losses[-1] < losses[0]
 

@@ -88,3 +88,23 @@ def test_text_only_config_mistakes_are_refused_at_start(tmp_path, capsys):
     args = ["--config", SMOKE_TEXT, f"--config.workdir={tmp_path}", override]
     assert cli.stage_main(pipeline.run, args) == 2
     assert key in capsys.readouterr().err
+
+
+def test_online_search_runs_on_response_token_events(workdir, tmp_path):
+  """distill.mode=online with the in-step search: the buffer fills with response-token events
+  (every scored position), and the searched temperature moves away from its start."""
+  import shutil
+  from first_jax import train
+  wd, args = workdir
+  copy = str(tmp_path / "wd")
+  shutil.copytree(wd, copy)
+  args = [a for a in args if not a.startswith("--config.workdir=")] + [
+      f"--config.workdir={copy}", "--config.distill.mode=online",
+      "--config.distill.temperature=search", "--config.students=first",
+      "--config.distill.search_min_events=16", "--config.log_every_steps=1"]
+  cfg = config_lib.load(args)
+  train.run(cfg)
+  with open(os.path.join(copy, "students", "first", "metrics.jsonl")) as f:
+    temps = [json.loads(line)["train/first/temperature"] for line in f]
+  assert all(t > 0 for t in temps)
+  assert len(set(round(t, 6) for t in temps)) > 1  # searched in the step, not a constant

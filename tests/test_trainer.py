@@ -27,7 +27,7 @@ def losses_by_step(folder):
   return {r["step"]: r["t/loss"] for r in rows}
 
 
-def run(folder, total, kill_after=None, sigterm_at=None):
+def run(folder, total, kill_after=None, sigterm_at=None, resume=True):
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
@@ -47,7 +47,8 @@ def run(folder, total, kill_after=None, sigterm_at=None):
   batches = data.BatchIterator(arrays(), batch_size=4, seed=3)  # 6 batches an epoch
   put = lambda b: {k: v for k, v in b.items() if k != "example_id"}
   return trainer.fit(name="t", folder=folder, state=state, step_fn=step_fn, batches=batches,
-                     total_steps=total, put_batch=put, every_steps=4, keep=2, log_every=1)
+                     total_steps=total, put_batch=put, every_steps=4, keep=2, log_every=1,
+                     resume=resume)
 
 
 def test_killed_run_resumes_exactly(tmp_path):
@@ -69,10 +70,18 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert total in steps(r) and len(steps(r)) <= 3, steps(r)  # keep-last-2 plus the best
 
 
-def test_resume_false_starts_over(tmp_path):
+def test_resume_true_continues_and_resume_false_starts_over(tmp_path, caplog):
+  caplog.set_level("INFO")
   run(str(tmp_path / "a"), 4)
-  state = run(str(tmp_path / "a"), 8)
-  assert int(state.step) == 8
+  state = run(str(tmp_path / "a"), 8)  # resume=True: steps 5..8 only
+  assert int(state.step) == 8 and "resuming at step 4 of 8" in caplog.text
+  caplog.clear()
+  again = run(str(tmp_path / "a"), 8, resume=False)  # from step 0, whatever is saved
+  assert int(again.step) == 8 and "resuming" not in caplog.text
+  fresh = run(str(tmp_path / "b"), 8)
+  assert losses_by_step(str(tmp_path / "a")) == losses_by_step(str(tmp_path / "b"))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               again.params, fresh.params)
 
 
 def test_sigterm_saves_at_the_current_step_and_resumes_exactly(tmp_path):

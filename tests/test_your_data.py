@@ -207,6 +207,7 @@ def test_the_same_questions_as_parquet(user_dir, monkeypatch):
       np.testing.assert_array_equal(jsonl.splits[split][key], parquet.splits[split][key])
 
 
+@pytest.mark.slow
 def test_bigbench_task_with_a_gguf_teacher_finetunes_and_extracts(user_dir, monkeypatch):
   monkeypatch.chdir(user_dir)
   cfg = load("my_bigbench.py")
