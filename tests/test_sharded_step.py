@@ -6,7 +6,7 @@ import pytest
 
 from first_jax import sharding as sh
 from first_jax import step, trainer
-from first_jax.models import Decoder, ModelConfig, init_params
+from first_jax.models import Decoder, ModelConfig, apply_fn, init_params
 
 TEACHER = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2)
@@ -93,3 +93,26 @@ def test_one_step_sharded_equals_one_device(kind, shape):
   assert max(jax.tree.leaves(diff)) <= 1e-5, (shape, diff)
   if spec.search:  # the in-step search moved the temperature away from its start
     assert float(ref_state.temperature) != pytest.approx(1.5)
+
+
+def test_extraction_on_a_vocab_split_mesh_is_vocab_parallel_and_equals_one_device():
+  """With tensor=2 the extraction program takes the top-k per vocabulary shard and merges the
+  candidates (no [B, L, V] gather): ids identical to one device, log-probs and tail equal."""
+  from first_jax import infer
+  batch = {k: v for k, v in _batch().items() if k in ("input_ids", "attention_mask")}
+  params = init_params(TEACHER, jax.random.key(2))
+  one = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = sh.make_mesh(2, 2, 2)
+  placed = jax.device_put(params, sh.param_shardings(
+      jax.eval_shape(lambda: Decoder(TEACHER).init(jax.random.key(0), np.zeros((1, 1), np.int32))[
+          "params"]), mesh))
+  hlo = infer.topk_program(Decoder(TEACHER), placed, K, False, mesh).lower(
+      placed, jax.device_put(batch, sh.batch_sharding(mesh))).as_text()
+  assert "manual_computation" in hlo  # the per-shard top-k and merge (shard_map)
+  ref = jax.jit(lambda p, b: infer.teacher_topk(p, b, apply=apply_fn(Decoder(TEACHER)), k=K))(
+      params, batch)  # one device, the plain top-k
+  got = infer.topk_program(Decoder(TEACHER), placed, K, False, mesh)(
+      placed, jax.device_put(batch, sh.batch_sharding(mesh)))
+  np.testing.assert_array_equal(np.asarray(got["teacher_ids"]), np.asarray(ref["teacher_ids"]))
+  for key in ("teacher_logprobs", "teacher_tail"):
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(ref[key]), atol=1e-5, rtol=1e-5)
