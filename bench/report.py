@@ -105,8 +105,9 @@ def load_run(path: str) -> dict:
 
 
 def collect(runs: list[str], out: str, name: str) -> list[str]:
-  """Step 1: one seed record per workdir, figures of the first run. Returns the paths written."""
-  written = []
+  """Step 1: one seed record per workdir; the figures of the first seed (the first record by
+  file name), copied when that seed is among `runs`. Returns the paths written."""
+  written, tag_of = [], {}
   tags = [os.path.basename(os.path.normpath(p)) for p in runs]
   if len(set(tags)) != len(tags):
     raise SystemExit(f"--runs: workdir basenames must differ (they name the seed files): {tags}")
@@ -115,12 +116,15 @@ def collect(runs: list[str], out: str, name: str) -> list[str]:
     dst = os.path.join(out, "results", f"{name}_{rec['tag']}.json")
     atomic_write(dst, json.dumps(rec, separators=(",", ":"), sort_keys=True))
     written.append(dst)
-  fig = os.path.join(out, "results", "figures")
-  os.makedirs(fig, exist_ok=True)
-  for figure, (sub, base) in FIGURES.items():
-    src = os.path.join(runs[0], sub, base)
-    if os.path.exists(src):
-      shutil.copy(src, os.path.join(fig, f"{name}_{figure}.png"))
+    tag_of[rec["tag"]] = path
+  first = load_seeds(out, name)[0]["tag"]
+  if first in tag_of:
+    fig = os.path.join(out, "results", "figures")
+    os.makedirs(fig, exist_ok=True)
+    for figure, (sub, base) in FIGURES.items():
+      src = os.path.join(tag_of[first], sub, base)
+      if os.path.exists(src):
+        shutil.copy(src, os.path.join(fig, f"{name}_{figure}.png"))
   return written
 
 

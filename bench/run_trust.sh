@@ -2,34 +2,65 @@
 # The trust study (configs/trust.py), one student seed at a time; after each seed its record is
 # collected into docs/results/results_seed<N>.json and docs/results.md + docs/results/summary.json
 # are rebuilt from every seed record committed so far.
-#   bash bench/run_trust.sh [SEED ...]          (default: 0)
-# Seed 0's workdir holds the split, the fine-tuned teacher, the top-k store and the teachers'
-# cached evaluation scores; other seeds hard-link them in (the pipeline checks their
-# fingerprints and redoes whatever differs). Extra pipeline flags: TRUST_FLAGS="--config.x=y".
+#   bash bench/run_trust.sh teacher      fine-tune the shared teacher (seed 0's workdir), extract
+#                                        and calibrate its store, and refresh docs/results/teacher/
+#   bash bench/run_trust.sh SEED ...     student seeds (0: the full pipeline, teacher rows included)
+#
+# Every student seed shares one teacher. What the students need of it is small and committed:
+# docs/results/teacher/ holds the calibrated top-k store (about 0.2 MB) and the pretrained
+# teacher's cached evaluation scores (added by the first seed that computes them), so a fresh
+# machine restores them instead of fine-tuning the teacher again (~90 minutes on 2 cores). Seeds
+# >= 1 then run `train` and `evaluate` only, so their reports have no fine-tuned-teacher row (its
+# scores do not depend on the student seed: seed 0 reports it).
+# Extra stage flags: TRUST_FLAGS="--config.x=y".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seeds=("$@")
-[ $# -eq 0 ] && seeds=(0)
-src=workdir/trust/seed0
-for s in "${seeds[@]}"; do
-  wd="workdir/trust/seed$s"
-  if [ "$s" != 0 ]; then
-    for stage in finetune extract calibrate; do  # the shared teacher (done stages are skipped)
-      # shellcheck disable=SC2086
-      python -m first_jax.$stage --config "configs/trust.py:seed=0" ${TRUST_FLAGS:-}
-    done
-    mkdir -p "$wd/eval/scores"
-    for part in data teacher store; do
-      [ -e "$wd/$part" ] || cp -al "$src/$part" "$wd/$part"
-    done
-    for name in teacher teacher_pretrained; do
-      f="$src/eval/scores/$name.npz"
-      [ -e "$f" ] && [ ! -e "$wd/eval/scores/$name.npz" ] && ln "$f" "$wd/eval/scores/$name.npz"
-    done
-  fi
+bundle=docs/results/teacher
+teacher_wd=workdir/trust/seed0
+
+run_stage() {  # stage seed: runs one stage, adds its seconds to the workdir's timings.json
+  local t0=$SECONDS
   # shellcheck disable=SC2086
-  python -m first_jax.pipeline --config "configs/trust.py:seed=$s" ${TRUST_FLAGS:-}
-  python bench/report.py --runs "$wd" --out docs --name results \
+  python -m "first_jax.$1" --config "configs/trust.py:seed=$2" ${TRUST_FLAGS:-}
+  python - "workdir/trust/seed$2/timings.json" "$1" "$((SECONDS - t0))" <<'PY'
+import json, os, sys
+path, stage, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = json.load(open(path)) if os.path.exists(path) else {}
+t[stage] = secs
+os.makedirs(os.path.dirname(path), exist_ok=True)
+json.dump(t, open(path + ".tmp", "w"), indent=1)
+os.replace(path + ".tmp", path)
+PY
+}
+
+report() {  # wd: collects the seed's record and rebuilds the aggregate report
+  python bench/report.py --runs "$1" --out docs --name results \
     --summary docs/results/summary.json --config-name configs/trust.py \
     --title "trust study: FIRST with an over-confident teacher"
+}
+
+for s in "${@:-0}"; do
+  if [ "$s" = teacher ]; then
+    for stage in finetune extract calibrate; do run_stage "$stage" 0; done
+    rm -rf "$bundle.tmp" && mkdir -p "$bundle.tmp"
+    cp -r "$teacher_wd/store" "$bundle.tmp/store"
+    rm -f "$bundle.tmp/store/"*.png  # figures: the report copies seed 0's
+    rm -rf "$bundle" && mv "$bundle.tmp" "$bundle"
+    continue
+  fi
+  wd="workdir/trust/seed$s"
+  if [ "$s" = 0 ]; then
+    # shellcheck disable=SC2086
+    python -m first_jax.pipeline --config "configs/trust.py:seed=0" ${TRUST_FLAGS:-}
+  else
+    mkdir -p "$wd/eval/scores"
+    [ -e "$wd/store" ] || cp -r "$bundle/store" "$wd/store"
+    cached="$bundle/teacher_pretrained.npz"  # its scores: the same for every seed
+    f="$wd/eval/scores/teacher_pretrained.npz"
+    [ -e "$f" ] || [ ! -e "$cached" ] || cp "$cached" "$f"
+    run_stage train "$s"
+    run_stage evaluate "$s"
+    if [ ! -e "$cached" ]; then cp "$f" "$cached.tmp" && mv "$cached.tmp" "$cached"; fi
+  fi
+  report "$wd"
 done

@@ -249,22 +249,27 @@ def test_summary_has_exactly_the_keys(report):
   assert s["rows"]["sft"]["id_ece"][0] == round(s["rows"]["sft"]["id_ece"][0], 5)
 
 
-def test_collect_from_workdir(report, tmp_path):
-  rec = make_record("seed3", 80)
-  wd = tmp_path / "runs" / "seed3"
+def fake_workdir(tmp_path, tag: str, png: bytes = b"png"):
+  rec = make_record(tag, 80)
+  wd = tmp_path / "runs" / tag
   (wd / "eval").mkdir(parents=True)
   (wd / "store").mkdir()
   (wd / "eval" / "results.json").write_text(json.dumps(
       {"results": rec["results"], "ood": rec["ood"], "in_domain": "task", "scoring": "choices"}))
   (wd / "eval" / "events.json").write_text(json.dumps({"scoring": "choices",
                                                        "events": rec["events"]}))
-  (wd / "eval" / "reliability_in_domain.png").write_bytes(b"png")
+  (wd / "eval" / "reliability_in_domain.png").write_bytes(png)
   (wd / "store" / "manifest.json").write_text(json.dumps(
       {"calibration": rec["calibration"], "k": 5, "seq_len": 10, "logprob_dtype": "float16",
        "shards": [{"num_records": 3}, {"num_records": 4}]}))
   (wd / "store" / "a.bin").write_bytes(b"x" * 700)
   (wd / "store" / "b.bin").write_bytes(b"x" * 300)
   (wd / "timings.json").write_text(json.dumps({"train": 3.0}))
+  return rec, wd
+
+
+def test_collect_from_workdir(report, tmp_path):
+  rec, wd = fake_workdir(tmp_path, "seed3")
   out = str(tmp_path / "docs")
   report.main(["--runs", str(wd), "--name", "t", "--out", out, "--bootstrap", "20"])
   path = os.path.join(out, "results", "t_seed3.json")
@@ -280,3 +285,12 @@ def test_collect_from_workdir(report, tmp_path):
   assert os.path.exists(os.path.join(out, "results", "figures", "t_reliability_in_domain.png"))
   with open(os.path.join(out, "t.md")) as f:
     assert "![reliability_in_domain](results/figures/t_reliability_in_domain.png)" in f.read()
+
+
+def test_figures_come_from_the_first_seed_whatever_the_order_of_collection(report, tmp_path):
+  out, fig = str(tmp_path / "docs"), tmp_path / "docs" / "results" / "figures"
+  for tag in ("seed3", "seed5", "seed1", "seed4"):  # seed1 arrives third
+    _, wd = fake_workdir(tmp_path, tag, png=tag.encode())
+    report.main(["--runs", str(wd), "--name", "t", "--out", out, "--bootstrap", "20"])
+    first = "seed1" if tag in ("seed1", "seed4") else "seed3"
+    assert (fig / "t_reliability_in_domain.png").read_bytes() == first.encode(), tag
