@@ -9,7 +9,9 @@ A resume takes the newest step that restores completely (`Checkpointer.restore_n
 that does not (a file deleted or truncated, unreadable metadata, a data position the iterator
 refuses) is moved aside to `<directory>/<step>.damaged-<unix time>`, a name Orbax's step listing
 ignores (a step folder is named by digits only), with one warning line, and the next older step
-is tried. A save first checks the free disk space (`Checkpointer.check_space`).
+is tried. A save first checks the free disk space (`Checkpointer.check_space`). Once a run is
+done (exported, marked), `after_done` keeps what `checkpoint.after_done` says: nothing (the
+default: the export holds the weights), the newest step, or every step kept.
 """
 from __future__ import annotations
 
@@ -160,13 +162,7 @@ class Checkpointer:
       return None, 0
     for step in sorted((int(n) for n in names if n.isdigit()), reverse=True):
       if step not in self._sizes:
-        total = 0
-        for root, _, files in os.walk(os.path.join(self.directory, str(step))):
-          for f in files:
-            try:
-              total += os.path.getsize(os.path.join(root, f))
-            except OSError:  # removed meanwhile by the keep policy
-              pass
+        total = _tree_bytes(os.path.join(self.directory, str(step)))
         if total == 0:
           continue
         self._sizes[step] = total
@@ -179,6 +175,43 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+AFTER_DONE = ("none", "last", "all")
+
+
+def after_done(directory: str, policy: str) -> int:
+  """Prunes a finished run's checkpoints (`policy` in AFTER_DONE); returns the bytes freed.
+
+  "none" removes the folder (renamed first, so a kill midway leaves no half folder that looks
+  like checkpoints), "last" keeps only the newest step (state with optimizer moments and data
+  position: training can be continued), "all" keeps every step `checkpoint.keep` kept.
+  Process 0 prunes; every process returns once it has.
+  """
+  assert policy in AFTER_DONE, policy
+  freed = 0
+  if jax.process_index() == 0 and policy != "all" and os.path.isdir(directory):
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    doomed = [directory] if policy == "none" else [
+        os.path.join(directory, str(s)) for s in steps[:-1]]
+    for path in doomed:
+      freed += _tree_bytes(path)
+      aside = f"{path}.deleting-{int(time.time())}"
+      os.rename(path, aside)
+      shutil.rmtree(aside, ignore_errors=True)
+  distributed.sync(f"after done: {directory}")
+  return freed
+
+
+def _tree_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(root, f))
+      except OSError:  # removed meanwhile (the keep policy)
+        pass
+  return total
 
 
 def abstract_like(tree: Any) -> Any:

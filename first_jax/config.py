@@ -35,13 +35,32 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     raise UserError(f"--config {path}: file not found (expected a Python file defining get_config)")
   module_spec = importlib.util.spec_from_file_location("_first_jax_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"--config {path}: defines no get_config()")
-  cfg = module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise UserError(f"--config {path}: defines no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # the config file's own error, as one line naming the file and line
+    text = e.msg if isinstance(e, SyntaxError) else str(e)
+    raise UserError(f"--config {path}: {_where_in(e, path)}{type(e).__name__}: "
+                    f"{(text.strip().splitlines() or [''])[0]}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise UserError(f"--config {path}: get_config() must return an ml_collections.ConfigDict")
   return cfg
+
+
+def _where_in(e: BaseException, path: str) -> str:
+  """"line N: " of the innermost frame of `e` in the file `path` (or its syntax error)."""
+  if isinstance(e, SyntaxError) and e.lineno and e.filename == path:
+    return f"line {e.lineno}: "
+  line, tb = None, e.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return "" if line is None else f"line {line}: "
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
@@ -206,6 +225,11 @@ def _check_model_source(cfg: ml_collections.ConfigDict, who: str, check_paths: b
     return
   if check_paths and block.init != "random" and block.path not in MODEL_ASSETS:
     _require(os.path.exists(block.path), f"{who}.path", _expected(f"{who}.path"), block.path)
+    from first_jax.models import hf_io  # its config read and checked, no weights loaded
+    try:
+      hf_io.check_pretrained(block.path)
+    except UserError as e:
+      raise UserError(f"config.{who}.path: {e}") from None
 
 
 def validate(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
@@ -510,7 +534,9 @@ def base() -> ml_collections.ConfigDict:
       # data.kind=text: post-hoc temperatures are chosen on this log-spaced grid (exact token NLL)
       post_hoc_grid=(0.25, 4.0, 33),
   ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2))
+  # after_done: what a finished training run keeps of its checkpoints (its export holds the
+  # weights): none, the last step (with optimizer state, to continue training), or all
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, after_done="none"))
   c.log_every_steps = 10
   # Student variants the pipeline trains and evaluates (see first_jax/pipeline.py).
   c.students = ("sft", "kd", "first")
@@ -831,6 +857,10 @@ SCHEMA: dict[str, Key] = {
     "checkpoint.every_steps": Key("steps between checkpoints of a training run",
                                   ("finetune", "train"), lo=1),
     "checkpoint.keep": Key("checkpoints kept per training run", ("finetune", "train"), lo=1),
+    "checkpoint.after_done": Key("what a finished training run keeps of its checkpoints (the "
+                                 "export holds the weights): none, last (the newest step, "
+                                 "optimizer state included, to continue training) or all",
+                                 ("finetune", "train"), choices=("none", "last", "all")),
     "log_every_steps": Key("steps between metric lines (metrics.jsonl, TensorBoard, log)",
                            ("finetune", "train"), lo=1),
     "students": Key("student variants trained and evaluated: sft, sft_ls[-choices], "

@@ -313,6 +313,13 @@ def split_examples(examples: Sequence[Example], sizes: Mapping[str, float | int]
 
 
 def save_split_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+  """Writes the record, unless the file already holds it (a re-run leaves it untouched)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      if json.load(f) == json.loads(json.dumps(dict(record))):
+        return
+  except (OSError, ValueError):
+    pass
   atomic_write_json(path, dict(record))
 
 
@@ -347,6 +354,32 @@ def num_steps(n: int, batch_size: int, epochs: int, drop_remainder: bool = True)
   return per_epoch * epochs
 
 
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths_N: np.ndarray | None,
+                length_buckets: Sequence[int]) -> np.ndarray:
+  """Epoch `epoch`'s shuffled row order of n rows; batch i is rows [i * B, (i + 1) * B).
+
+  rng([seed, epoch]).permutation(n). With length buckets, rows are dealt in that order into the
+  smallest bucket holding them; each bucket is cut into batches (its leftover rows join the
+  next, longer bucket) and the batches are shuffled, so a batch's rows have similar lengths and
+  `trim_batch` can cut its padding. The same rows are visited each epoch; only the last < B rows
+  are left out.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  perm = rng.permutation(n)
+  if not length_buckets:
+    return perm
+  which = np.minimum(np.searchsorted(length_buckets, lengths_N[perm], side="left"),
+                     len(length_buckets) - 1)
+  batches, carry = [], np.zeros(0, perm.dtype)
+  for i in range(len(length_buckets)):
+    rows = np.concatenate([carry, perm[which == i]])
+    full = len(rows) // batch_size * batch_size
+    batches += list(rows[:full].reshape(-1, batch_size))
+    carry = rows[full:]
+  order = [batches[j] for j in rng.permutation(len(batches))] + [carry]
+  return np.concatenate(order)
+
+
 class BatchIterator:
   """Deterministic, resumable batches: epoch e visits rows in rng([seed, e]).permutation(N).
 
@@ -375,30 +408,6 @@ class BatchIterator:
                      else None)
     self._epoch, self._index, self._order = 0, 0, None
 
-  def _epoch_order(self) -> np.ndarray:
-    """This epoch's row order; batch i is rows [i * B, (i + 1) * B).
-
-    With length buckets, rows are dealt in a random order into the smallest bucket holding
-    them; each bucket is cut into batches (its leftover rows join the next, longer bucket) and
-    the batches are shuffled, so a batch's rows have similar lengths and `trim_batch` can cut
-    its padding. The same rows are visited each epoch; only the last < B rows are left out.
-    """
-    rng = np.random.default_rng([self.seed, self._epoch])
-    perm = rng.permutation(self._n)
-    if not self.length_buckets:
-      return perm
-    b = self.batch_size
-    which = np.minimum(np.searchsorted(self.length_buckets, self._lengths[perm], side="left"),
-                       len(self.length_buckets) - 1)
-    batches, carry = [], np.zeros(0, perm.dtype)
-    for i in range(len(self.length_buckets)):
-      rows = np.concatenate([carry, perm[which == i]])
-      full = len(rows) // b * b
-      batches += list(rows[:full].reshape(-1, b))
-      carry = rows[full:]
-    order = [batches[j] for j in rng.permutation(len(batches))] + [carry]
-    return np.concatenate(order)
-
   def state(self) -> dict[str, int]:
     return {"epoch": self._epoch, "index": self._index}
 
@@ -417,7 +426,9 @@ class BatchIterator:
     if self.num_epochs is not None and self._epoch >= self.num_epochs:
       raise StopIteration
     if self._order is None:
-      self._order = (self._epoch_order() if self.shuffle else np.arange(self._n))
+      self._order = (epoch_order(self._n, self.batch_size, self.seed, self._epoch,
+                                 self._lengths, self.length_buckets)
+                     if self.shuffle else np.arange(self._n))
     b = self.batch_size
     rows = self._order[self._index * b:(self._index + 1) * b]
     valid_B = np.zeros(b, np.float32)

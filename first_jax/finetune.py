@@ -37,7 +37,7 @@ def run(cfg) -> str:
       every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
       log_every=cfg.log_every_steps)
   workspace.export(workspace.with_params(model, params), tok, os.path.join(out, "export"))
-  workspace.mark_done(out, fp)
+  workspace.finish_training(cfg, out, fp)
   return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +26,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[str]:
+  """Removes the temp files that atomic writes of `name` (a glob of file names) in `folder`
+  left when their process was killed (SIGKILL, power loss) between creating and renaming them;
+  returns their paths. Only for a folder that no other live process writes to (one guarded by
+  the workdir lock): a live writer's temp file would be removed under it."""
+  stale = sorted(glob.glob(os.path.join(os.fspath(folder), f".tmp-{name}-*")))
+  for p in stale:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(p)
+  return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

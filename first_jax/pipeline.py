@@ -99,6 +99,7 @@ def _start_over(cfg, name: str) -> None:
 
 def run(cfg) -> dict:
   train.run_checks(cfg)  # every student variant name is checked before any work starts
+  workspace.check_data(cfg)  # and the splits and batch sizes against the data
   # Each stage is checked just before it would run (after the stages before it), so a stage
   # whose inputs came out the same (e.g. a calibration redone with the same temperatures) is
   # still skipped. timings.json keeps the time a stage took when it did its work: a re-run that

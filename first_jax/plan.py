@@ -86,7 +86,7 @@ def _model(cfg, who: str, mesh):
   return models.Decoder(mc), _sds(sharding.unbox(boxed), shardings), mc
 
 
-def _batch(cfg, mesh, b: int, length: int, k: int, kd: bool, answer_only: bool) -> dict:
+def _batch(mesh, b: int, length: int, k: int, kd: bool, answer_only: bool) -> dict:
   import jax
   import numpy as np
   from first_jax import sharding
@@ -94,7 +94,7 @@ def _batch(cfg, mesh, b: int, length: int, k: int, kd: bool, answer_only: bool) 
   spec = {"input_ids": ((b, length), np.int32), "attention_mask": ((b, length), np.int32),
           "targets": ((b, length), np.int32), "loss_mask": ((b, length), np.float32),
           "valid": ((b,), np.float32)}
-  if answer_only:  # multiple choice: the answer position and the letters' ids
+  if answer_only:  # multiple choice: the answer position and the letters' ids (4 choices)
     spec.update(answer_pos=((b,), np.int32), choice_ids=((b, 4), np.int32))
   if kd:
     spec.update(teacher_ids=((b, length, k), np.int32),
@@ -146,8 +146,8 @@ def plan(cfg) -> list[Program]:
   ft = cfg.finetune
   out = [_train_program("finetune (teacher)", cfg, mesh, t_mod, t_params, ft,
                         step.LossSpec(kind="ce", answer_only=ao),
-                        _batch(cfg, mesh, ft.batch_size, length, k, False, ao))]
-  eb = _batch(cfg, mesh, cfg.extract.batch_size, length, k, False, ao)
+                        _batch(mesh, ft.batch_size, length, k, False, ao))]
+  eb = _batch(mesh, cfg.extract.batch_size, length, k, False, ao)
   eb = {n: eb[n] for n in ("input_ids", "attention_mask", "answer_pos") if n in eb}
   ex = Program("extract (teacher forward + top-k)", params=_per_device(t_params),
                batch=_per_device(eb))
@@ -158,7 +158,7 @@ def plan(cfg) -> list[Program]:
             answer_only=ao)
   out.append(_train_program("distill offline (student, store targets)", cfg, mesh, s_mod,
                             s_params, d, step.LossSpec(**kd),
-                            _batch(cfg, mesh, d.batch_size, length, k, True, ao)))
+                            _batch(mesh, d.batch_size, length, k, True, ao)))
   events = jax.eval_shape(lambda: step.event_buffer(d.search_events, k))
   events = _sds(events, jax.tree.map(lambda _: jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()), events))
@@ -167,7 +167,7 @@ def plan(cfg) -> list[Program]:
                             step.LossSpec(**kd, online=True, search=True,
                                           search_events=d.search_events,
                                           search_min_events=d.search_min_events),
-                            _batch(cfg, mesh, d.batch_size, length, k, False, ao),
+                            _batch(mesh, d.batch_size, length, k, False, ao),
                             teacher=(t_mod, t_params), events=events))
   return out
 

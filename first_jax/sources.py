@@ -11,6 +11,7 @@ either raise a one-line `UserError` (on_bad="error") or are skipped, counted and
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -209,6 +210,9 @@ def _load_dataset(path_or_name: str, split: str,
   import datasets  # Heavy; only needed for these sources.
 
   builder = path_or_name
+  if data_files is None and not os.path.exists(path_or_name) and _looks_like_a_file(path_or_name):
+    raise UserError(f"{path_or_name}: file not found (expected a local .json, .jsonl, .parquet "
+                    f"or .csv file, or a hub dataset name)")
   if data_files is None and os.path.isfile(path_or_name):
     builder, data_files = _BUILDERS.get(os.path.splitext(path_or_name)[1], ""), path_or_name
     if not builder:
@@ -220,14 +224,47 @@ def _load_dataset(path_or_name: str, split: str,
   local = builder in _BUILDERS.values() and bool(first)
   where = os.fspath(first) if local else path_or_name
   source = os.path.basename(where) if local else path_or_name
+  if local and os.path.isfile(where):
+    _check_text_file(where, builder)
   try:
     ds = datasets.load_dataset(builder, name=name, split=split, data_files=data_files,
                                cache_dir=cache_dir)
   except Exception as e:  # Anything here is a bad name, file or split given by the user.
-    msg = str(e).splitlines()[0] if str(e) else ""
-    raise UserError(f"{path_or_name}: could not load split {split!r} ({type(e).__name__}: "
+    cause = e.__cause__ or e.__context__ or e  # e.g. the JSON parser's message and row
+    msg = str(cause).splitlines()[0] if str(cause) else ""
+    raise UserError(f"{where}: could not load split {split!r} ({type(cause).__name__}: "
                     f"{msg})") from None
+  if len(ds) == 0:
+    raise UserError(f"{where}: split {split!r} has no rows")
   return ds, source, where
+
+
+def _looks_like_a_file(name: str) -> bool:
+  """A path rather than a hub name ("org/name"): absolute or relative to here, or a file
+  extension."""
+  return (name.startswith(("/", "./", "../", "~"))
+          or os.path.splitext(name)[1].lower() in (*_BUILDERS, ".txt", ".tsv", ".gz", ".zip"))
+
+
+def _check_text_file(path: str, builder: str) -> None:
+  """A local data file is not empty, and a text one (JSON, JSON lines, CSV) is UTF-8."""
+  if os.path.getsize(path) == 0:
+    raise UserError(f"{path}: empty file (expected rows of data)")
+  if builder == "parquet":
+    return
+  decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      try:
+        decoder.decode(chunk)
+      except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (near byte {offset + e.start}: {e.reason})"
+                        ) from None
+      offset += len(chunk)
+  try:
+    decoder.decode(b"", final=True)
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text (it ends inside a character: {e.reason})") from None
 
 
 def _parse_label(value: Any, choices: Sequence[str], letters: str) -> int:

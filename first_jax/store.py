@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from first_jax.errors import UserError
-from first_jax.io_util import atomic_path, atomic_write_json, sha256_file
+from first_jax.io_util import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from first_jax.topk import TAIL_FLOOR
 
 FORMAT = "first_jax.topk_store"
@@ -345,6 +345,7 @@ def update_manifest(store_dir: str | os.PathLike, **fields: Any) -> dict:
   if bad := sorted(_STRUCTURAL.intersection(fields)):
     raise ValueError(f"update_manifest: {bad} describe the records and are not updatable")
   m.update(_json_normal(fields))
+  remove_stale_temps(store_dir, MANIFEST)  # a killed update's (process 0 writes the manifest)
   atomic_write_json(path, m)
   return m
 
@@ -368,6 +369,10 @@ class StoreWriter:
     self._header = _header(spec, num_hosts)
     self._path = os.path.join(self.store_dir,
                               MANIFEST if num_hosts == 1 else _part_name(host_id))
+    # what a killed write of this host's shards or manifests left (only this host writes them)
+    for name in {f"shard-h{host_id:03d}-*", os.path.basename(self._path)} | (
+        {MANIFEST} if host_id == 0 else set()):
+      remove_stale_temps(self.store_dir, name)
     self._shards: dict[int, dict] = {}
     for p in {self._path, os.path.join(self.store_dir, MANIFEST)}:
       m = _read_json(p)

@@ -152,6 +152,9 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   reader = None
   if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
     reader = store.StoreReader(workspace.folder(cfg, "store"))
+    if not reader.manifest.get("complete"):
+      raise UserError(f"{reader.store_dir}: the store is incomplete (its extraction did not "
+                      f"finish); re-run first_jax.extract to complete it")
   mesh = workspace.mesh(cfg)
   optim = cfg.distill
   if variant.epochs:  # the same optimiser and schedule shape over fewer (or more) epochs
@@ -174,7 +177,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
       add_targets=store_targets(reader) if reader is not None else None,
       initial_temperature=t)
   workspace.export(workspace.with_params(student, params), tok, os.path.join(out, "export"))
-  workspace.mark_done(out, fp, temperature=t)
+  workspace.finish_training(cfg, out, fp, temperature=t)
   return out
 
 

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from first_jax import assets, data, distributed, io_util, sharding, sources
+from first_jax import assets, checkpoint, data, distributed, io_util, sharding, sources
 from first_jax import tokenizer as tokenizer_lib
 from first_jax import config as config_lib, models
 from first_jax.errors import UserError
@@ -111,6 +111,17 @@ def mark_done(path: str, fp: str, **info: Any) -> None:
   if jax.process_index() == 0:
     io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
   distributed.sync(f"done:{path}")
+
+
+def finish_training(cfg: ml_collections.ConfigDict, path: str, fp: str, **info: Any) -> None:
+  """Marks a training run done (after its export), then prunes its checkpoints as
+  `checkpoint.after_done` says (none by default: the optimizer state is not kept past done)."""
+  mark_done(path, fp, **info)
+  policy = cfg.checkpoint.after_done
+  freed = checkpoint.after_done(os.path.join(path, "checkpoints"), policy)
+  if freed:
+    log.info("%s: done; checkpoints pruned (checkpoint.after_done=%s), %.1f MB freed", path,
+             policy, freed / 1e6)
 
 
 def start_run(path: str, fp: str) -> None:
@@ -295,8 +306,9 @@ def data_fingerprint(cfg: ml_collections.ConfigDict, tok) -> str:
   return _data_fingerprint(cfg, tok, examples)
 
 
-def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
-  """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
+def _split(cfg: ml_collections.ConfigDict) -> tuple[list, dict, dict]:
+  """(examples, splits, split record) of the in-domain data, checked: no split is empty and
+  the training batch sizes fit the training split."""
   d = cfg.data
   examples = _subsample(_load_examples(cfg, d.task), d.num_examples, cfg.seed)
   if not examples:
@@ -306,9 +318,29 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
                  "test": d.test}, seed=cfg.seed)
   for name, exs in splits.items():
     if not exs:
-      raise UserError(f"config.data.{'validation' if name == 'validation' else 'test'}: the "
-                      f"{name} split of {len(examples)} examples is empty (use more examples "
-                      f"or larger fractions)")
+      key = {"train": "validation/test", "validation": "validation", "test": "test"}[name]
+      raise UserError(f"config.data.{key}: the {name} split of {len(examples)} examples is "
+                      f"empty (use more examples or other fractions)")
+  for key in ("finetune.batch_size", "distill.batch_size"):
+    block, _, field = key.partition(".")
+    if cfg[block][field] > len(splits["train"]):
+      raise UserError(f"config.{key}: expected at most the {len(splits['train'])} examples of "
+                      f"the training split, got {cfg[block][field]}")
+  return examples, splits, record
+
+
+def check_data(cfg: ml_collections.ConfigDict) -> None:
+  """The start-up check of what depends on the data itself: the in-domain examples are read
+  and split (`_split`), the out-of-domain tasks read; nothing is tokenized or written."""
+  _split(cfg)
+  for task in cfg.data.ood_tasks:
+    _load_examples(cfg, task)
+
+
+def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
+  """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
+  d = cfg.data
+  examples, splits, record = _split(cfg)
   num_choices = 0 if d.kind == "text" else max(len(ex.choices) for ex in examples)
   encode = _encoder(cfg, tok, num_choices)
   arrays = {name: encode(exs) for name, exs in splits.items()}
@@ -407,6 +439,7 @@ def export(model: models.Model, tok, path: str) -> None:
     from jax.experimental import multihost_utils
     model = models.Model(model.config, multihost_utils.process_allgather(model.params, tiled=True))
   if jax.process_index() == 0:
+    io_util.remove_stale_temps(path)  # a killed export's temp files (the workdir is locked)
     models.save_pretrained(model, path)
     tok.save_pretrained(path)
   distributed.sync(f"export:{path}")

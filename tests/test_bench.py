@@ -1,5 +1,7 @@
-"""bench/run.py (python -m bench.run): every section end to end on a tiny random model, the
-JSON keys, and the store-size arithmetic by hand. No timing assertions (shared, noisy CPUs)."""
+"""bench/run.py (python -m bench.run): every section end to end on a tiny random model (and
+tiny search / loss-memory shapes), the JSON keys, the store-size arithmetic by hand, and the
+NumPy search and naive loss baselines against first_jax. No timing assertions (shared, noisy
+CPUs)."""
 from __future__ import annotations
 
 import importlib
@@ -13,7 +15,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE_KEYS = ("store_bytes_per_token", "extraction_speedup_vs_torch",
-                 "postforward_speedup_vs_reference", "step_speedup_vs_torch", "step_mfu")
+                 "postforward_speedup_vs_reference", "step_speedup_vs_torch", "step_mfu",
+                 "step_kd_mfu", "search_speedup_vs_numpy", "loss_memory_ratio_vs_naive")
+# the search and loss_memory sections at tiny shapes
+TINY = ["--search-events", "2000", "--search-temps", "40", "--loss-positions", "32",
+        "--loss-vocab", "3000", "--loss-vocab-chunk", "1024"]
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +91,15 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
   out = tmp_path / "bench.json"
   code = bench_run.main(["--quick", "--model", tiny_hf_dir, "--text", "random", "--batch", "2",
                          "--length", "8", "--warmup", "1", "--reps", "1", "--mass-batches", "2",
-                         "--peak-n", "32", "--out", str(out)])
+                         "--peak-n", "32", *TINY, "--out", str(out)])
   assert code == 0
   r = json.loads(out.read_text())
   for key in HEADLINE_KEYS:
     assert isinstance(r[key], float) and np.isfinite(r[key]), key
+  assert "not_in_this_harness" not in r
   assert r["store_bytes_per_token"] == 6032 / 256
-  assert set(r["sections"]) == {"store", "extraction", "postforward", "step", "matmul_peak"}
+  assert set(r["sections"]) == {"store", "extraction", "postforward", "step", "search",
+                                "loss_memory", "matmul_peak"}
   meta = r["meta"]
   for key in ("date_utc", "git", "cpu", "versions", "jax_backend", "wall_s", "torch_threads"):
     assert key in meta
@@ -121,6 +129,57 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
   losses = sp["loss_at_first_step"]
   assert losses["first_jax"] == pytest.approx(losses["torch"], rel=1e-4)
   assert sp["train_flops_per_step"] > 0 and sp["mfu"]["torch"] > 0
+  assert set(sp["timings"]) == {"first_jax", "torch"}  # the ce comparison as it was
+  assert sp["kd"]["spec"]["kind"] == "topk_kd" and sp["kd"]["timings"]["first_jax_kd"]["n"] == 1
+  assert np.isfinite(sp["kd"]["loss_at_first_step"]) and sp["kd"]["loss_at_first_step"] >= 0
+  assert sp["tokens_per_s"]["first_jax_kd"] > 0 and sp["mfu"]["first_jax_kd"] == r["step_kd_mfu"]
+
+  se = r["sections"]["search"]  # the section itself asserts the agreement; its record:
+  assert se["shapes"]["events"] == 2000 and se["shapes"]["temperatures"] == 40
+  assert se["agreement"]["max_abs_ece_diff"] <= se["agreement"]["atol"]
+  assert se["agreement"]["best_t"]["first_jax"] == se["agreement"]["best_t"]["numpy"]
+  assert r["search_speedup_vs_numpy"] == se["speedup_vs_numpy"]
+  lm = r["sections"]["loss_memory"]
+  assert lm["shapes"]["logits"] == [32, 3000] and "not the issue's" in lm["positions_note"]
+  temp = lm["temp_bytes"]
+  assert temp["naive"]["forward_grad"] >= lm["logits_input_bytes"]  # a [B*L, V] temporary
+  assert temp["chunked"]["forward_grad"] < temp["naive"]["forward_grad"] / 4
+  assert r["loss_memory_ratio_vs_naive"] == pytest.approx(
+      temp["chunked"]["forward_grad"] / temp["naive"]["forward_grad"])
+  loss = lm["agreement"]["loss"]
+  assert loss["chunked"] == pytest.approx(loss["naive"], rel=1e-4)
+  for name in ("chunked", "naive"):
+    rss = lm["peak_rss_bytes"][name]
+    assert "error" not in rss, rss
+    assert rss["maxrss_after_run"] >= rss["maxrss_with_inputs"] > 0
+    # the child's own peak (not this process's, inherited across execve)
+    assert rss["vmhwm_after_run"] == pytest.approx(rss["maxrss_after_run"], rel=0.2)
+
+
+@pytest.mark.parametrize("mode,tail", [("prob_softmax", True), ("log_space", False)])
+def test_numpy_search_baseline_matches_first_jax(bench_run, mode, tail):
+  import jax
+  from first_jax import temperature
+  ev = bench_run.synthetic_events(3000, 5, 1000, seed=1)
+  grid = np.geomspace(0.05, 20.0, 30).astype(np.float32)
+  res = jax.device_get(temperature.search(
+      ev["logprobs"], ev["ids"], ev["targets"], mode=mode, refine=False, grid=grid,
+      tail_logmass_N=ev["tail"] if tail else None))
+  got = bench_run.numpy_ece_curve(ev["logprobs"], ev["ids"], ev["targets"],
+                                  ev["tail"] if tail else None, grid, mode)
+  np.testing.assert_allclose(got, res.ece_T, atol=1e-5)
+  assert grid[np.argmin(got)] == res.best_t
+  assert np.ptp(got) > 0.01  # the curve is not flat: the argmin means something
+
+
+def test_naive_loss_is_topk_kd(bench_run):
+  import jax
+  from first_jax import losses
+  x, ids, lp, tail, mask = bench_run._loss_inputs(6, 500, 5)
+  mask = mask.at[2].set(0.0)
+  got = bench_run.naive_topk_kd(x, ids, lp, tail, mask)
+  want = losses.topk_kd(x, ids, lp, mask, teacher_tail_logmass_BxL=tail, vocab_chunk=128)
+  np.testing.assert_allclose(jax.device_get(got), jax.device_get(want), rtol=1e-5)
 
 
 def test_only_and_bad_arguments(bench_run):
@@ -128,5 +187,12 @@ def test_only_and_bad_arguments(bench_run):
     bench_run.parse(["--quick", "--only", "store,nope"])
   with pytest.raises(SystemExit):
     bench_run.parse(["--quick", "--full"])
+  with pytest.raises(SystemExit):
+    bench_run.parse(["--quick", "--search-temps", "0"])
   s, only, out = bench_run.parse(["--full", "--only", "step,store", "--reps", "2"])
   assert only == ("step", "store") and s.reps == 2 and s.batch == 8 and out is None
+  # the issue's shapes in --full: 1,000 temperatures x 100k events; B*L = 8,192 at V = 151,936
+  assert (s.search_temps, s.search_events, s.loss_positions, s.loss_vocab) == (
+      1000, 100_000, 8192, 151_936)
+  s, only, _ = bench_run.parse(["--quick", "--only", "search,loss_memory", "--no-loss-rss"])
+  assert only == ("search", "loss_memory") and s.loss_positions == 1024 and not s.loss_rss

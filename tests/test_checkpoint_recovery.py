@@ -218,3 +218,20 @@ def test_low_disk_needs_the_size_of_the_last_step(runs, tmp_path, monkeypatch):
   monkeypatch.undo()
   resumed = run(folder, TOTAL)  # enough space: the run finishes, equal to the unbroken one
   assert_equal_to_unbroken(runs, folder, resumed)
+
+
+@pytest.mark.parametrize("policy", ckpt_lib.AFTER_DONE)
+def test_after_done_keeps_what_the_policy_says(runs, tmp_path, policy):
+  folder = killed_copy(runs, tmp_path)  # checkpoints at steps 4 and 8
+  directory = os.path.join(folder, "checkpoints")
+  sizes = {s: ckpt_lib._tree_bytes(os.path.join(directory, s)) for s in ("4", "8")}
+  freed = ckpt_lib.after_done(directory, policy)
+  left = sorted(os.listdir(directory)) if os.path.exists(directory) else None
+  expected = {"none": (None, sizes["4"] + sizes["8"]), "last": (["8"], sizes["4"]),
+              "all": (["4", "8"], 0)}[policy]
+  assert (left, freed) == expected
+  gone = set(os.listdir(runs["killed"])) - set(os.listdir(folder))  # nothing else touched
+  assert gone == ({"checkpoints"} if policy == "none" else set())
+  if policy == "last":  # the kept step still resumes: the run ends equal to the unbroken one
+    params = run(folder, TOTAL).params
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), runs["params"])

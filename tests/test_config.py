@@ -32,7 +32,8 @@ def test_variant_argument():
   assert cfg.distill.mode == "online" and cfg.distill.temperature == "search"
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD_VALUES = [  # (overrides, what the one error line says); also run through the CLI in
+    # tests/test_bad_inputs.py (exit 2, nothing written)
     (["--config.nonexistent=1"], "config.nonexistent: unknown key"),
     (["--config.data.nope=1"], "config.data.nope: unknown key"),
     (["--config.extract.k=abc"], "config.extract.k: expected int"),
@@ -73,7 +74,11 @@ def test_variant_argument():
     (["--config.seed=100000000000000000000"], "config.seed: expected"),
     (["--config.data.num_examples=-5"], "config.data.num_examples: expected"),
     (["--config.student.model.vocab_size=50000"], "config.student.model.vocab_size: expected"),
-])
+    (["--config.checkpoint.after_done=some"], "config.checkpoint.after_done: expected"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_VALUES)
 def test_bad_values_name_the_key(args, needle):
   with pytest.raises(UserError, match=None) as e:
     config_lib.load(["--config", SMOKE] + args)

@@ -221,16 +221,11 @@ class Model:
     return self._apply({"params": self.params}, jnp.asarray(input_ids_BxL), mask)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
-                    rules: Rules | None = None, scan_layers: bool = True, remat: bool = False,
-                    param_dtype: str | None = None,
-                    on_indivisible: str = "replicate") -> Model:
-  """A HF model directory (llama / qwen2 / mistral safetensors) or a .gguf file -> Model.
-
-  `dtype` is the compute dtype and, unless `param_dtype` is given, the param dtype. With a
-  `mesh`, each tensor is placed directly with its sharding from `rules` (DEFAULT_RULES).
-  """
-  path = os.fspath(path)
+def _open(path: str, dtype: str = "float32", param_dtype: str | None = None,
+          scan_layers: bool = True, remat: bool = False
+          ) -> tuple[ModelConfig, str, Iterator[tuple[str, np.ndarray]]]:
+  """(config, source for messages, lazy tensor iterator) of a HF directory or .gguf file; only
+  the metadata is read here."""
   if path.endswith(".gguf"):
     if not os.path.isfile(path):
       raise UserError(f"{path}: GGUF file not found")
@@ -246,9 +241,32 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
         hf_config = json.load(f)
     except (OSError, ValueError) as e:
       raise UserError(f"{source}: expected a readable transformers config.json ({e})") from None
+    if not isinstance(hf_config, dict):
+      raise UserError(f"{source}: expected a JSON object")
+    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
+      raise UserError(f"{path}: expected *.safetensors weights beside config.json")
     tensors = iter_safetensors(path)
   config = ModelConfig.from_hf(hf_config, source, dtype=dtype, param_dtype=param_dtype or dtype,
                                scan_layers=scan_layers, remat=remat)
+  return config, source, tensors
+
+
+def check_pretrained(path: str | os.PathLike) -> ModelConfig:
+  """The start-up check of a pre-trained model source: its config (config.json or the GGUF
+  metadata) is read and checked, no weights are loaded. Raises UserError naming the file."""
+  return _open(os.fspath(path))[0]
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
+                    rules: Rules | None = None, scan_layers: bool = True, remat: bool = False,
+                    param_dtype: str | None = None,
+                    on_indivisible: str = "replicate") -> Model:
+  """A HF model directory (llama / qwen2 / mistral safetensors) or a .gguf file -> Model.
+
+  `dtype` is the compute dtype and, unless `param_dtype` is given, the param dtype. With a
+  `mesh`, each tensor is placed directly with its sharding from `rules` (DEFAULT_RULES).
+  """
+  config, source, tensors = _open(os.fspath(path), dtype, param_dtype, scan_layers, remat)
   shardings = None
   if mesh is not None:
     shardings = param_shardings(abstract_params(config), mesh, rules or DEFAULT_RULES,
