@@ -243,11 +243,11 @@ def _open(path: str, dtype: str = "float32", param_dtype: str | None = None,
       raise UserError(f"{source}: expected a readable transformers config.json ({e})") from None
     if not isinstance(hf_config, dict):
       raise UserError(f"{source}: expected a JSON object")
-    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
-      raise UserError(f"{path}: expected *.safetensors weights beside config.json")
     tensors = iter_safetensors(path)
   config = ModelConfig.from_hf(hf_config, source, dtype=dtype, param_dtype=param_dtype or dtype,
                                scan_layers=scan_layers, remat=remat)
+  if not path.endswith(".gguf") and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+    raise UserError(f"{path}: expected *.safetensors weights beside config.json")
   return config, source, tensors
 
 
