@@ -16,6 +16,7 @@ default: the export holds the weights), the newest step, or every step kept.
 from __future__ import annotations
 
 import gc
+import glob
 import logging
 import os
 import shutil
@@ -186,18 +187,26 @@ def after_done(directory: str, policy: str) -> int:
   "none" removes the folder (renamed first, so a kill midway leaves no half folder that looks
   like checkpoints), "last" keeps only the newest step (state with optimizer moments and data
   position: training can be continued), "all" keeps every step `checkpoint.keep` kept.
-  Process 0 prunes; every process returns once it has.
+  Idempotent, and it finishes what a killed call left (folders renamed `*.deleting-<time>`, not
+  yet removed): a run found done prunes again (`workspace.prune_done`), so a kill between the
+  done marker and the pruning leaves nothing behind. Process 0 prunes; every process returns
+  once it has.
   """
   assert policy in AFTER_DONE, policy
   freed = 0
-  if jax.process_index() == 0 and policy != "all" and os.path.isdir(directory):
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-    doomed = [directory] if policy == "none" else [
-        os.path.join(directory, str(s)) for s in steps[:-1]]
+  if jax.process_index() == 0:
+    doomed = []
+    if policy != "all" and os.path.isdir(directory):
+      steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+      doomed = [directory] if policy == "none" else [
+          os.path.join(directory, str(s)) for s in steps[:-1]]
     for path in doomed:
-      freed += _tree_bytes(path)
       aside = f"{path}.deleting-{int(time.time())}"
       os.rename(path, aside)
+    # this call's and any a killed call left half-removed
+    for aside in (glob.glob(f"{glob.escape(directory)}.deleting-*")
+                  + glob.glob(os.path.join(glob.escape(directory), "*.deleting-*"))):
+      freed += _tree_bytes(aside)
       shutil.rmtree(aside, ignore_errors=True)
   distributed.sync(f"after done: {directory}")
   return freed

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -386,11 +386,19 @@ class BatchIterator:
   Each batch is {key: array[B, ...]} plus `valid` [B] float32 (0 marks padding rows). With
   drop_remainder=False the last batch of an epoch is padded with copies of its first row.
   `state()` is the position of the next batch; `restore(state)` continues from it exactly.
+
+  Multi-host: `host_rows` (`sharding.process_rows`) picks this process's rows of each global
+  batch, and only those are gathered, so a host reads only its share (every host's iterator
+  takes the same global batches in lockstep; the position is global). `trim=True` cuts the
+  padding columns to the smallest of `length_buckets` that holds the longest row of the GLOBAL
+  batch (`trim_batch`), so every host's slice has the same width. `add_fields` adds entries to
+  the host's gathered rows before the trim (the teacher's stored top-k: `train.store_targets`).
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
                shuffle: bool = True, drop_remainder: bool = True, num_epochs: int | None = None,
-               length_buckets: Sequence[int] = ()):
+               length_buckets: Sequence[int] = (), host_rows: slice = slice(None),
+               trim: bool = False, add_fields: Callable[[dict], dict] | None = None):
     sizes = {len(a) for a in arrays.values()}
     if len(sizes) != 1 or "valid" in arrays:
       raise UserError("data: arrays must share their leading size and not contain 'valid'")
@@ -406,6 +414,7 @@ class BatchIterator:
       raise UserError("data.length_buckets: only for shuffled training batches")
     self._lengths = (np.asarray(arrays["attention_mask"]).sum(-1) if self.length_buckets
                      else None)
+    self.host_rows, self.trim, self.add_fields = host_rows, trim, add_fields
     self._epoch, self._index, self._order = 0, 0, None
 
   def state(self) -> dict[str, int]:
@@ -437,18 +446,28 @@ class BatchIterator:
     self._index += 1
     if self._index == self.batches_per_epoch:
       self._epoch, self._index, self._order = self._epoch + 1, 0, None
-    batch = {k: a[rows] for k, a in self._arrays.items()}
-    batch["valid"] = valid_B
+    mine = rows[self.host_rows]
+    batch = {k: a[mine] for k, a in self._arrays.items()}
+    batch["valid"] = valid_B[self.host_rows]
+    if self.add_fields is not None:
+      batch = self.add_fields(batch)
+    if self.trim:
+      batch = trim_batch(batch, self.length_buckets,
+                         longest=int(self._lengths[rows].max()) if self.length_buckets else None)
     return batch
 
 
-def trim_batch(batch: Mapping[str, np.ndarray], length_buckets: Sequence[int]) -> dict:
+def trim_batch(batch: Mapping[str, np.ndarray], length_buckets: Sequence[int],
+               longest: int | None = None) -> dict:
   """Cuts the padding columns of a right-padded batch down to the smallest bucket that holds
-  its longest row (every [B, L, ...] entry); exact for a causal model. () -> unchanged."""
+  its longest row (every [B, L, ...] entry); exact for a causal model. () -> unchanged.
+  `longest`: the longest row of the global batch this one is a host's part of (default: this
+  batch's)."""
   length = batch["input_ids"].shape[1]
   if not length_buckets:
     return dict(batch)
-  longest = int(np.asarray(batch["attention_mask"]).sum(-1).max())
+  if longest is None:
+    longest = int(np.asarray(batch["attention_mask"]).sum(-1).max())
   keep = min([b for b in length_buckets if b >= longest] + [length])
   return {k: (v[:, :keep] if np.ndim(v) >= 2 and v.shape[1] == length else v)
           for k, v in batch.items()}

@@ -22,6 +22,7 @@ def run(cfg) -> str:
   fp = workspace.teacher_fingerprint(cfg)
   if is_done(cfg):
     log.info("finetune: done already (%s)", out)
+    workspace.prune_done(cfg, out)
     return out
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)

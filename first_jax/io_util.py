@@ -28,12 +28,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
       os.remove(tmp)
 
 
-def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[str]:
-  """Removes the temp files that atomic writes of `name` (a glob of file names) in `folder`
-  left when their process was killed (SIGKILL, power loss) between creating and renaming them;
-  returns their paths. Only for a folder that no other live process writes to (one guarded by
-  the workdir lock): a live writer's temp file would be removed under it."""
-  stale = sorted(glob.glob(os.path.join(os.fspath(folder), f".tmp-{name}-*")))
+def remove_stale_temps(folder: str | os.PathLike, *patterns: str) -> list[str]:
+  """Removes the temp files that atomic writes in `folder` left when their process was killed
+  (SIGKILL, power loss) between creating a temp file and renaming it; returns their paths.
+  `patterns`: globs of the temp files' names (default ".tmp-*": every atomic_path temp file;
+  ".tmp-NAME-*": those of NAME). Only for a folder no other live process writes to (one the
+  workdir lock guards): a live writer's temp file would be removed under it."""
+  stale = sorted({p for pattern in patterns or (".tmp-*",)
+                  for p in glob.glob(os.path.join(os.fspath(folder), pattern))})
   for p in stale:
     with contextlib.suppress(FileNotFoundError):
       os.remove(p)

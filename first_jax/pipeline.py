@@ -84,6 +84,16 @@ def _where(cfg, name: str) -> str:
   return workspace.folder(cfg, "eval")
 
 
+def _prune_done(cfg, name: str) -> None:
+  """A skipped training stage's runs pruned as `checkpoint.after_done` says (what a kill after
+  their done markers left)."""
+  if name == "finetune":
+    workspace.prune_done(cfg, workspace.folder(cfg, "teacher"))
+  elif name == "train":
+    for s in cfg.students:
+      workspace.prune_done(cfg, workspace.folder(cfg, "students", s))
+
+
 def _start_over(cfg, name: str) -> None:
   """resume=false: the stage's existing output folder moved aside before it runs. calibrate
   (its output is the manifest of the store extract has just rebuilt) and evaluate (which moves
@@ -114,6 +124,7 @@ def run(cfg) -> dict:
                                   evaluate.run)):
     if cfg.resume and checks.is_done(name):
       log.info("%s: done already (%s)", name, _where(cfg, name))
+      _prune_done(cfg, name)
       skipped.add(name)
       if name in earlier:
         timings[name] = earlier[name]

@@ -149,6 +149,26 @@ def put_global(tree: Any, sharding_: Any) -> Any:
   return jax.tree.map(one, tree, sharding_)
 
 
+def process_rows(sharding_: jax.sharding.Sharding, num_rows: int) -> slice:
+  """The rows of a [num_rows, ...] array laid out as `sharding_` (split on its leading axis)
+  that this process's devices hold: one contiguous slice, also when processes share rows (a
+  mesh axis the batch is replicated over, e.g. tensor, spanning processes)."""
+  spans = {(i[0].start or 0, num_rows if i[0].stop is None else i[0].stop)
+           for i in sharding_.addressable_devices_indices_map((num_rows,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(spans)} of {num_rows}: "
+                     f"not one contiguous slice (order the mesh's devices by process)")
+  return slice(lo, hi)
+
+
+def put_process_rows(tree: Any, sharding_: jax.sharding.Sharding, num_rows: int) -> Any:
+  """This process's rows (`process_rows`) of global [num_rows, ...] arrays -> the global arrays
+  laid out as `sharding_`; each host passes only the rows it holds."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding_, np.ascontiguousarray(x), (num_rows,) + np.shape(x)[1:]), tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -345,7 +345,7 @@ def update_manifest(store_dir: str | os.PathLike, **fields: Any) -> dict:
   if bad := sorted(_STRUCTURAL.intersection(fields)):
     raise ValueError(f"update_manifest: {bad} describe the records and are not updatable")
   m.update(_json_normal(fields))
-  remove_stale_temps(store_dir, MANIFEST)  # a killed update's (process 0 writes the manifest)
+  remove_stale_temps(store_dir, f".tmp-{MANIFEST}-*")  # a killed update's (process 0 writes it)
   atomic_write_json(path, m)
   return m
 
@@ -370,9 +370,9 @@ class StoreWriter:
     self._path = os.path.join(self.store_dir,
                               MANIFEST if num_hosts == 1 else _part_name(host_id))
     # what a killed write of this host's shards or manifests left (only this host writes them)
-    for name in {f"shard-h{host_id:03d}-*", os.path.basename(self._path)} | (
-        {MANIFEST} if host_id == 0 else set()):
-      remove_stale_temps(self.store_dir, name)
+    remove_stale_temps(self.store_dir, f".tmp-shard-h{host_id:03d}-*",
+                       f".tmp-{os.path.basename(self._path)}-*",
+                       *([f".tmp-{MANIFEST}-*"] if host_id == 0 else []))
     self._shards: dict[int, dict] = {}
     for p in {self._path, os.path.join(self.store_dir, MANIFEST)}:
       m = _read_json(p)

@@ -3,15 +3,16 @@
 Shape letters: V vocabulary, K kept tokens, `x` any leading shape.
 
 Both functions return `(logprobs_xK, ids_xK, tail_logmass_x)`:
-- `logprobs_xK`: the K largest log-probabilities, normalised over the FULL vocabulary (the
-  log-sum-exp runs in float32 even for bfloat16 logits; float64 logits stay float64), in
-  descending order;
+- `logprobs_xK`: the K largest log-probabilities, normalised over the FULL vocabulary (the sums
+  run in float32 even for bfloat16 logits; float64 logits stay float64), in descending order;
 - `ids_xK`: their token ids (int32); ties go to the lower id first, as `lax.top_k` does;
 - `tail_logmass_x`: log of the mass outside the top-k, computed relative to the k-th probability
   (see `_capped_sum`) rather than as log(1 - sum), so it stays accurate down to ~1e-6 of the k-th
   probability; `TAIL_FLOOR` (finite) when the tail is empty or below that resolution.
 
-Memory: one `lax.top_k` and two fused reductions over V; no [.., V] float32 temporaries.
+Cost: one `lax.top_k` and one fused reduction over V (the capped sum); the normaliser follows
+from it and the top-k values (`_finish`), so there is no max or log-sum-exp pass; no [.., V]
+float32 temporaries.
 """
 from __future__ import annotations
 
@@ -48,15 +49,6 @@ def log1mexp(x: jax.Array) -> jax.Array:
   return jnp.maximum(out, TAIL_FLOOR)
 
 
-def _lse_parts(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(max, sum exp(l - max)) in float32; the convert fuses into the reduction."""
-  acc = acc_dtype(logits_xV.dtype)
-  m_x = jnp.max(logits_xV, axis=-1).astype(acc)
-  m_safe_x = jnp.where(jnp.isfinite(m_x), m_x, 0.0)
-  s_x = jnp.sum(jnp.exp(logits_xV.astype(acc) - m_safe_x[..., None]), axis=-1)
-  return m_safe_x, s_x
-
-
 def _kth(vals_xK: jax.Array) -> jax.Array:
   """The k-th largest value, upcast (may be -inf)."""
   # min over K == vals[..., -1] (sorted). A reduce, not a slice: XLA:CPU turns top_k back into
@@ -65,31 +57,44 @@ def _kth(vals_xK: jax.Array) -> jax.Array:
   return jnp.min(vals_xK, axis=-1).astype(acc_dtype(vals_xK.dtype))
 
 
-def _capped_sum(logits_xV: jax.Array, vals_xK: jax.Array) -> jax.Array:
-  """sum_v min(exp(l_v - v), 1) for the k-th value v.
+def _capped_sum(logits_xV: jax.Array, v_x: jax.Array) -> jax.Array:
+  """sum_v min(exp(l_v - v), 1) for the k-th value `v_x` (finite): the one pass over V.
 
   Every entry >= v adds exactly 1 and there are exactly K of them counted in the top-k
   (entries above v plus the kept ties), so `sum - K` is the tail mass relative to v: no
-  comparisons or masks over V (fusible), and cancellation only against the small integer K.
+  comparisons or masks over V (it fuses into the reduction, nothing of size V is materialised),
+  and cancellation only against the small integer K.
   """
-  v_x = _kth(vals_xK)
-  v_x = jnp.where(jnp.isfinite(v_x), v_x, 0.0)
   return jnp.sum(jnp.minimum(jnp.exp(logits_xV.astype(v_x.dtype) - v_x[..., None]), 1.0),
                  axis=-1)
 
 
-def _finish(vals_xK: jax.Array, lse_x: jax.Array, capped_x: jax.Array):
-  """Log-probs and tail log-mass from the top-k values, the lse and the capped sum."""
+def _finish(vals_xK: jax.Array, m_x: jax.Array, v_x: jax.Array, capped_x: jax.Array):
+  """Log-probs and tail log-mass from the top-k values and the capped sum. The total mass
+  follows from them (relative to the max m: tail * exp(v - m) + sum_K exp(vals - m), every
+  term >= 0), so no log-sum-exp pass over V is needed."""
   k = vals_xK.shape[-1]
-  v_x = _kth(vals_xK)
-  tail_rel_x = capped_x - k
+  tail_rel_x = capped_x - k  # relative to exp(v)
   # An all -inf tail (k >= number of finite logits) has zero mass.
   has_tail_x = (tail_rel_x > 0) & jnp.isfinite(v_x)
-  v_x = jnp.where(jnp.isfinite(v_x), v_x, 0.0)
-  tail_x = jnp.where(has_tail_x, jnp.log(jnp.where(has_tail_x, tail_rel_x, 1.0)) + v_x - lse_x,
-                     TAIL_FLOOR)
-  logprobs_xK = vals_xK.astype(lse_x.dtype) - lse_x[..., None]
-  return logprobs_xK, jnp.maximum(tail_x, TAIL_FLOOR)
+  log_tail_x = jnp.log(jnp.where(has_tail_x, tail_rel_x, 1.0)) + jnp.where(
+      jnp.isfinite(v_x), v_x, 0.0) - m_x  # relative to exp(m)
+  kept_x = jnp.sum(jnp.exp(vals_xK.astype(m_x.dtype) - m_x[..., None]), axis=-1)
+  log_total_x = jnp.logaddexp(jnp.where(has_tail_x, log_tail_x, -jnp.inf), jnp.log(kept_x))
+  tail_logmass_x = jnp.where(has_tail_x, log_tail_x - log_total_x, TAIL_FLOOR)
+  logprobs_xK = vals_xK.astype(m_x.dtype) - (m_x + log_total_x)[..., None]
+  return logprobs_xK, jnp.maximum(tail_logmass_x, TAIL_FLOOR)
+
+
+def _scale(vals_xK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, k-th value) from the top-k values, upcast; the max made finite (0 for a row of all
+  -inf, which has no mass)."""
+  m_x = jnp.max(vals_xK, axis=-1).astype(acc_dtype(vals_xK.dtype))  # a reduce: see `_kth`
+  return jnp.where(jnp.isfinite(m_x), m_x, 0.0), _kth(vals_xK)
+
+
+def _safe(v_x: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(v_x), v_x, 0.0)
 
 
 def extract(logits_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -98,8 +103,8 @@ def extract(logits_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Arr
   if not 1 <= k <= vocab:
     raise UserError(f"k: expected 1 <= k <= vocab size {vocab}, got {k}")
   vals_xK, ids_xK = jax.lax.top_k(logits_xV, k)
-  m_x, s_x = _lse_parts(logits_xV)
-  logprobs_xK, tail_x = _finish(vals_xK, m_x + jnp.log(s_x), _capped_sum(logits_xV, vals_xK))
+  m_x, v_x = _scale(vals_xK)
+  logprobs_xK, tail_x = _finish(vals_xK, m_x, v_x, _capped_sum(logits_xV, _safe(v_x)))
   return logprobs_xK, ids_xK.astype(jnp.int32), tail_x
 
 
@@ -116,10 +121,11 @@ def extract_vocab_parallel(logits_xV: jax.Array, k: int, mesh: Mesh, axis_name: 
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`extract` for logits sharded over mesh axis `axis_name` on the vocab dimension.
 
-  Each shard takes its own top-k and log-sum-exp parts; the K * n candidates are all-gathered
-  and merged with a second `lax.top_k` (shard-major order = ascending ids among equal values,
-  so the ids are bit-identical to `extract`), and the lse / tail statistics are combined with
-  pmax/psum. Communication is O(x * K * n), never O(x * V).
+  Each shard takes its own top-k; the K * n candidates are all-gathered and merged with a
+  second `lax.top_k` (shard-major order = ascending ids among equal values, so the ids are
+  bit-identical to `extract`); each shard then sums its part of the lse / tail statistics
+  relative to the merged k-th value (`_capped_sum`), added with one psum. Communication is
+  O(x * K * n), never O(x * V).
 
   Args:
     logits_xV: logits; V must be divisible by the size of `axis_name`.
@@ -152,14 +158,11 @@ def extract_vocab_parallel(logits_xV: jax.Array, k: int, mesh: Mesh, axis_name: 
     cand_ids = cand_ids.reshape(*cand_ids.shape[:-2], n * k)
     vals_xK, pos_xK = jax.lax.top_k(cand_vals, k)
     ids_xK = jnp.take_along_axis(cand_ids, pos_xK, axis=-1)
-    # Sum relative to the global max (a shard of all -inf logits must not set the scale).
-    acc = acc_dtype(logits_xv.dtype)
-    gm_x = jax.lax.pmax(jnp.max(logits_xv, axis=-1).astype(acc), axis_name)
-    gm_x = jnp.where(jnp.isfinite(gm_x), gm_x, 0.0)
-    s_x = jnp.sum(jnp.exp(logits_xv.astype(acc) - gm_x[..., None]), axis=-1)
-    lse_x = gm_x + jnp.log(jax.lax.psum(s_x, axis_name))
-    capped_x = jax.lax.psum(_capped_sum(logits_xv, vals_xK), axis_name)
-    logprobs_xK, tail_x = _finish(vals_xK, lse_x, capped_x)
+    # The merged top-k holds the global max and k-th value: every shard sums relative to the
+    # same k-th value (a shard of all -inf logits does not set it), then the sums are added.
+    m_x, v_x = _scale(vals_xK)
+    capped_x = jax.lax.psum(_capped_sum(logits_xv, _safe(v_x)), axis_name)
+    logprobs_xK, tail_x = _finish(vals_xK, m_x, v_x, capped_x)
     return logprobs_xK, ids_xK, tail_x
 
   f = _shard_map(local, mesh, in_specs=P(*lead, axis_name),

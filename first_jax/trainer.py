@@ -227,8 +227,12 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
                 initial_temperature: float = 1.0) -> Any:
   """Builds optimizer, state and the jitted step for one run, then `fit`s it. Returns params."""
   buckets = tuple(optim.get("length_buckets", ()))
-  batches = data_lib.BatchIterator(arrays, optim.batch_size, seed=seed, shuffle=True,
-                                   drop_remainder=True, length_buckets=buckets)
+  # each host gathers (and reads the store records of) only its rows of each global batch
+  batches = data_lib.BatchIterator(
+      arrays, optim.batch_size, seed=seed, shuffle=True, drop_remainder=True,
+      length_buckets=buckets, trim=True,  # one compiled step per bucket length
+      host_rows=sharding.process_rows(batch_sharding, optim.batch_size),
+      add_fields=add_targets)
   steps_per_epoch = len(arrays["input_ids"]) // optim.batch_size
   total = max(1, steps_per_epoch * optim.epochs)
   tx = step_lib.make_optimizer(lr=optim.lr, total_steps=total, warmup_ratio=optim.warmup_ratio,
@@ -244,12 +248,9 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
                                 teacher_module=teacher_module, teacher_params=teacher_params,
                                 events=events, initial_temperature=initial_temperature)
 
-  def put_batch(batch: dict) -> dict:
-    if add_targets is not None:
-      batch = add_targets(batch)
-    batch = data_lib.trim_batch(batch, buckets)  # one compiled step per bucket length
-    return sharding.put_global({k: v for k, v in batch.items() if k != "example_id"},
-                               batch_sharding)
+  def put_batch(batch: dict) -> dict:  # this host's rows -> the global batch
+    return sharding.put_process_rows({k: v for k, v in batch.items() if k != "example_id"},
+                                     batch_sharding, optim.batch_size)
 
   state = fit(name=name, folder=folder, state=state, step_fn=step_fn, batches=batches,
               total_steps=total, put_batch=put_batch, teacher_params=teacher_params,

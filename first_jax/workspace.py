@@ -117,6 +117,13 @@ def finish_training(cfg: ml_collections.ConfigDict, path: str, fp: str, **info: 
   """Marks a training run done (after its export), then prunes its checkpoints as
   `checkpoint.after_done` says (none by default: the optimizer state is not kept past done)."""
   mark_done(path, fp, **info)
+  prune_done(cfg, path)
+
+
+def prune_done(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """Prunes the checkpoints of the finished training run at `path` as `checkpoint.after_done`
+  says; also called for a run found done, which finishes a pruning a kill interrupted (or one a
+  re-run's policy now asks for)."""
   policy = cfg.checkpoint.after_done
   freed = checkpoint.after_done(os.path.join(path, "checkpoints"), policy)
   if freed:
@@ -439,7 +446,9 @@ def export(model: models.Model, tok, path: str) -> None:
     from jax.experimental import multihost_utils
     model = models.Model(model.config, multihost_utils.process_allgather(model.params, tiled=True))
   if jax.process_index() == 0:
-    io_util.remove_stale_temps(path)  # a killed export's temp files (the workdir is locked)
+    # a killed export's temp files (the workdir is locked): io_util's, and safetensors' own
+    # (save_file writes <dir>/.tmpXXXXXX, then renames it)
+    io_util.remove_stale_temps(path, ".tmp-*", ".tmp" + "[0-9A-Za-z]" * 6)
     models.save_pretrained(model, path)
     tok.save_pretrained(path)
   distributed.sync(f"export:{path}")

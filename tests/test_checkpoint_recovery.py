@@ -235,3 +235,22 @@ def test_after_done_keeps_what_the_policy_says(runs, tmp_path, policy):
   if policy == "last":  # the kept step still resumes: the run ends equal to the unbroken one
     params = run(folder, TOTAL).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), runs["params"])
+
+
+@pytest.mark.parametrize("policy", ("none", "last"))
+def test_after_done_finishes_a_pruning_a_kill_interrupted(runs, tmp_path, policy):
+  folder = killed_copy(runs, tmp_path)  # checkpoints at steps 4 and 8
+  directory = os.path.join(folder, "checkpoints")
+  expected = ckpt_lib.after_done(os.path.join(killed_copy(runs, tmp_path / "b"), "checkpoints"),
+                                 policy)
+  # killed mid-removal: the step renamed aside, half of its files removed
+  half = os.path.join(directory, "4.deleting-17")
+  os.rename(os.path.join(directory, "4"), half)
+  files = sorted(os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs)
+  removed = sum(os.path.getsize(p) for p in files[::2])
+  for p in files[::2]:
+    os.remove(p)
+  freed = ckpt_lib.after_done(directory, policy)
+  left = sorted(os.listdir(directory)) if os.path.exists(directory) else None
+  assert (left, freed) == ({"none": None, "last": ["8"]}[policy], expected - removed)
+  assert ckpt_lib.after_done(directory, policy) == 0  # idempotent

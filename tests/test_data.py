@@ -329,3 +329,38 @@ def test_length_buckets_group_rows_cut_padding_and_resume():
   for want in other_epoch:
     np.testing.assert_array_equal(next(resumed)["example_id"], want)
   assert data.trim_batch(epoch[0], ())["input_ids"].shape[1] == 40
+
+
+def test_hosts_gather_only_their_rows_cut_to_the_global_batch_width():
+  rng = np.random.default_rng(23)
+  arrays, _ = _padded(rng, 103)
+  buckets = (16, 24, 40)
+  whole = data.BatchIterator(arrays, 8, seed=5, length_buckets=buckets, trim=True)
+  asked = {0: [], 1: []}
+
+  def fields_of(host):  # what a store lookup sees: only the host's rows
+    def add(batch):
+      asked[host].append(batch["example_id"])
+      return {**batch, "teacher_tail": batch["teacher_logprobs"][..., 0] * 2}
+    return add
+  hosts = [data.BatchIterator(arrays, 8, seed=5, length_buckets=buckets, trim=True,
+                              host_rows=slice(4 * h, 4 * h + 4), add_fields=fields_of(h))
+           for h in (0, 1)]
+  widths = []
+  for _ in range(2 * whole.batches_per_epoch):  # two epochs, in lockstep
+    want, parts = next(whole), [next(h) for h in hosts]
+    widths.append(want["input_ids"].shape[1])
+    for k in want:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), want[k], err_msg=k)
+    assert {p["input_ids"].shape[1] for p in parts} == {widths[-1]}  # the global width
+    np.testing.assert_array_equal(parts[1]["teacher_tail"],
+                                  2 * want["teacher_logprobs"][4:, :, 0])
+  assert len(set(widths)) > 1
+  for a, b in zip(asked[0], asked[1]):  # each host read 4 rows, the other host's never
+    assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
+  # one row a host: its own row alone would often be cut narrower than the global width
+  single = data.BatchIterator(arrays, 8, seed=5, length_buckets=buckets, trim=True,
+                              host_rows=slice(0, 1))
+  rows = [next(single) for _ in range(single.batches_per_epoch)]
+  assert any(data.trim_batch(r, buckets)["input_ids"].shape[1] < w for r, w in zip(rows, widths))
+  assert [r["input_ids"].shape[1] for r in rows] == widths[:len(rows)]

@@ -146,11 +146,11 @@ def _launcher_env(launcher: str, port: int, i: int) -> dict[str, str]:
           "JAX_COORDINATOR_PORT": str(port)}
 
 
-@pytest.mark.parametrize("launcher", ["explicit", "slurm"])
-def test_two_processes_form_one_mesh(tmp_path, launcher):
+def run_two(tmp_path, worker: str, seed: int, launcher: str = "explicit",
+            timeout_s: float = 120) -> list[dict]:
+  """Runs `worker` as 2 processes of 2 CPU devices each joining one mesh; their RESULT JSON."""
   script = tmp_path / "worker.py"
-  script.write_text(WORKER)
-  seed = int(np.random.default_rng().integers(1 << 30))
+  script.write_text(worker)
   port = _free_port()
   base = {k: v for k, v in os.environ.items() if k not in _STEERING and not k.startswith("SLURM_")}
   base.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
@@ -164,7 +164,7 @@ def test_two_processes_form_one_mesh(tmp_path, launcher):
         procs.append(subprocess.Popen([sys.executable, str(script), str(seed)],
                                       env={**base, **_launcher_env(launcher, port, i)},
                                       cwd=tmp_path, stdout=fo, stderr=fe))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     for p in procs:
       p.wait(timeout=max(1.0, deadline - time.monotonic()))
   finally:
@@ -176,8 +176,14 @@ def test_two_processes_form_one_mesh(tmp_path, launcher):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, (out + err)[-3000:]
   # stdout only: gloo's connection messages go to stderr.
-  results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-             for out, _ in outs]
+  return [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+          for out, _ in outs]
+
+
+@pytest.mark.parametrize("launcher", ["explicit", "slurm"])
+def test_two_processes_form_one_mesh(tmp_path, launcher):
+  seed = int(np.random.default_rng().integers(1 << 30))
+  results = run_two(tmp_path, WORKER, seed, launcher)
   expected = sum(np.random.default_rng(seed + i).normal(size=(6, 5)).astype(np.float32)
                  .astype(np.float64).sum() for i in range(2))
   for i, r in enumerate(results):
@@ -185,3 +191,65 @@ def test_two_processes_form_one_mesh(tmp_path, launcher):
     assert r["shape"] == [12, 5] and r["main"] == (i == 0)
     assert r["table"] == {"0": {"cpu": 2}, "1": {"cpu": 2}}
     np.testing.assert_allclose(r["total"], expected, rtol=1e-5, atol=1e-4)
+
+
+ROWS_WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from first_jax import data, distributed, sharding
+    distributed.initialize()
+    import jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    out = {}
+    rng = np.random.default_rng(int(sys.argv[1]))  # the same data on every process
+    n, B, L = 40, 8, 12
+    lengths = rng.integers(2, L + 1, size=n)
+    arrays = {"input_ids": rng.integers(1, 50, size=(n, L)).astype(np.int32),
+              "attention_mask": (np.arange(L)[None] < lengths[:, None]).astype(np.int32),
+              "example_id": np.arange(n)}
+    for axes in (("data", "tensor"), ("tensor", "data")):  # tensor across / within processes
+      mesh = jax.make_mesh((2, 2), axes, axis_types=(AxisType.Auto,) * 2)
+      bs = NamedSharding(mesh, P("data"))
+      rows = sharding.process_rows(bs, B)
+      it = data.BatchIterator(arrays, B, seed=3, length_buckets=(4, 8, 12), trim=True,
+                              host_rows=rows)
+      got = []
+      for _ in range(3):
+        b = next(it)
+        x = sharding.put_process_rows({k: b[k] for k in ("input_ids", "valid")}, bs, B)
+        weights = jnp.arange(1, B + 1, dtype=jnp.float32)[:, None]
+        got.append([int(b["example_id"][0]), list(x["input_ids"].shape),
+                    float(jax.jit(lambda a: (a * weights).sum())(x["input_ids"]))])
+      out["-".join(axes)] = dict(rows=[rows.start, rows.stop], batches=got)
+    distributed.sync("done")
+    print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def test_two_processes_each_feed_only_their_rows_of_the_global_batch(tmp_path):
+  seed = int(np.random.default_rng().integers(1 << 30))
+  results = run_two(tmp_path, ROWS_WORKER, seed, timeout_s=180)
+  # the global batches one process computes from all the rows
+  from first_jax import data
+  rng = np.random.default_rng(seed)
+  n, B, L = 40, 8, 12
+  lengths = rng.integers(2, L + 1, size=n)
+  arrays = {"input_ids": rng.integers(1, 50, size=(n, L)).astype(np.int32),
+            "attention_mask": (np.arange(L)[None] < lengths[:, None]).astype(np.int32),
+            "example_id": np.arange(n)}
+  it = data.BatchIterator(arrays, B, seed=3, length_buckets=(4, 8, 12), trim=True)
+  want = []
+  for _ in range(3):
+    b = next(it)
+    want.append((b["input_ids"].shape, float((b["input_ids"] * np.arange(1, B + 1)[:, None]).sum()),
+                 b["example_id"]))
+  # the batch split over processes: 4 rows each; replicated over a tensor axis that spans them:
+  # every process feeds (and reads) all 8
+  assert [r["data-tensor"]["rows"] for r in results] == [[0, 4], [4, 8]]
+  assert [r["tensor-data"]["rows"] for r in results] == [[0, 8], [0, 8]]
+  for r in results:
+    for layout in ("data-tensor", "tensor-data"):
+      start = r[layout]["rows"][0]
+      for (first_id, shape, total), (w_shape, w_total, w_ids) in zip(r[layout]["batches"], want):
+        assert tuple(shape) == w_shape and first_id == int(w_ids[start]), layout
+        assert total == w_total, (layout, total, w_total)

@@ -110,6 +110,27 @@ def test_finished_workdir_rerun_does_no_work_and_says_so(workdir, caplog):
   assert seconds < 30, seconds
 
 
+def test_rerun_prunes_what_a_kill_after_the_done_marker_left(workdir, tmp_path, caplog):
+  # a kill between a run's done.json and the pruning of its checkpoints (or during it) left
+  # them, whole or half-removed; the re-run finds the runs done and finishes the pruning
+  import shutil
+  wd = str(tmp_path / "killed")
+  shutil.copytree(workdir, wd)
+  planted = ["teacher/checkpoints/40/state", "students/kd/checkpoints.deleting-17/60/state",
+             "students/first/checkpoints/80.deleting-17/state"]
+  for rel in planted:
+    os.makedirs(os.path.dirname(os.path.join(wd, rel)))
+    with open(os.path.join(wd, rel), "wb") as f:
+      f.write(np.random.default_rng(0).bytes(1000))
+  caplog.set_level("INFO")
+  pipeline.run(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"]))
+  messages = [r.getMessage() for r in caplog.records]
+  assert all(any(m.startswith(f"{s}: done already") for m in messages) for s in pipeline.STAGES)
+  for run in ("teacher", "students/kd", "students/first"):
+    assert not any(n.startswith("checkpoints") for n in os.listdir(os.path.join(wd, run))), run
+  assert sum("checkpoints pruned" in m for m in messages) == 3, messages
+
+
 def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(workdir, caplog):
   from first_jax import calibrate, evaluate
   caplog.set_level("INFO")

@@ -133,3 +133,12 @@ def test_vocab_parallel_with_an_all_masked_shard():
   np.testing.assert_allclose(np.asarray(got[2]), ref_tail, rtol=1e-5, atol=3e-5)
   np.testing.assert_allclose(np.asarray(got[2]), np.asarray(_extract(jnp.asarray(x), 5)[2]),
                              atol=3e-5)
+
+
+def test_extract_compiles_without_vocab_sized_temporaries():
+  # float32 logits: the top-k and the one capped-sum pass read them in place (no [x, V]
+  # temporary, e.g. no exp(l - m) materialised for a second sum). (bfloat16 logits are
+  # converted to float32 first on XLA:CPU, which materialises that conversion.)
+  x = jax.ShapeDtypeStruct((4, 64, 8192), jnp.float32)
+  mem = jax.jit(topk.extract, static_argnums=1).lower(x, 5).compile().memory_analysis()
+  assert mem.temp_size_in_bytes < 4 * 64 * 8192 * 4 / 16, mem.temp_size_in_bytes
