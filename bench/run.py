@@ -607,10 +607,19 @@ def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
   def reference():
     baselines_torch.reference_postforward(logits_t, k, jsonl_path)
 
+  # where the top-k program's time goes on this backend: XLA's top_k alone, and one reduction
+  # pass over the logits with an exp per element (what the tail/normaliser pass does) against
+  # one with a multiply-add per element
+  import jax.numpy as jnp
+  parts = {"xla_top_k": jax.jit(lambda x: jax.lax.top_k(x, k)),
+           "xla_exp_sum_pass": jax.jit(lambda x: jnp.sum(jnp.exp(x - x[..., :1]), -1)),
+           "xla_mul_sum_pass": jax.jit(lambda x: jnp.sum(x * x, -1))}
+  part_fns = {n: functools.partial(lambda f: jax.block_until_ready(f(logits_dev)), f)
+              for n, f in parts.items()}
   log(f"postforward: logits [{b}, {l}, {v}], warmup {s.warmup}, reps {s.reps}")
   t = interleaved({"first_jax": first_jax, "reference": reference,
-                   "first_jax_topk_only": top_only, "first_jax_write_only": write_only},
-                  s.warmup, s.reps)
+                   "first_jax_topk_only": top_only, "first_jax_write_only": write_only,
+                   **part_fns}, s.warmup, s.reps)
   written = {"first_jax_store": store.store_size_bytes(folder),
              "reference_jsonl": os.path.getsize(jsonl_path)}
   return {"shapes": {"logits": [b, l, v], "topk": [b, l, k], "store_positions": l},
@@ -620,7 +629,9 @@ def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
                    "reference": "torch.log_softmax over V, batched torch.topk, Python loop over "
                                 "positions building {id: logprob} dicts with .item(), "
                                 "json.dumps per example row to a JSONL file",
-                   "first_jax_topk_only / first_jax_write_only": "the two halves of first_jax"},
+                   "first_jax_topk_only / first_jax_write_only": "the two halves of first_jax",
+                   "xla_*": "parts: lax.top_k alone; one reduction over the logits with an exp "
+                            "per element; one with a multiply-add per element"},
           "timings": t,
           "positions_per_s": {n: b * l / x["median_s"] for n, x in t.items()},
           "speedup_vs_reference": ratio(t["reference"]["median_s"], t["first_jax"]["median_s"]),
