@@ -26,19 +26,6 @@ from first_jax import data as data_lib, log as log_lib, models, sharding, step, 
 from first_jax.errors import UserError
 
 
-def _topk(logits_BxLxV: jax.Array, k: int, mesh) -> dict[str, jax.Array]:
-  """`step.teacher_topk`, or its vocab-parallel form when the mesh splits the vocabulary (the
-  "tensor" axis, by the logical rules) and divides it: each shard's top-k and log-sum-exp
-  parts, then a merge of the K x shards candidates (`topk.extract_vocab_parallel`: the ids
-  bit-identical, no [B, L, V] gather)."""
-  n = 1 if mesh is None else mesh.shape["tensor"]
-  if n == 1 or logits_BxLxV.shape[-1] % n or k > logits_BxLxV.shape[-1] // n:
-    return step.teacher_topk(logits_BxLxV, k)
-  lp, ids, tail = topk.extract_vocab_parallel(logits_BxLxV, k, mesh, "tensor",
-                                              leading_spec=(("data", "fsdp"), None))
-  return {"teacher_logprobs": lp, "teacher_ids": ids, "teacher_tail": tail}
-
-
 def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply, k: int,
                  answer_only: bool = False, mesh=None) -> dict[str, jax.Array]:
   """Extraction: teacher forward and top-k in one program (the logits never leave the device).
@@ -46,12 +33,12 @@ def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
   With `answer_only` the head and top-k run at each row's answer position only (the one
   position a response-only MCQA loss uses); the other positions hold id 0, log-prob
   TAIL_FLOOR and tail 0 (they are masked out of every loss). With a `mesh` whose "tensor" axis
-  splits the vocabulary, the top-k is taken vocab-parallel (`_topk`).
+  splits the vocabulary, the top-k is taken vocab-parallel (`step.teacher_topk`).
   """
   if not answer_only:
-    return _topk(apply(params, batch["input_ids"], batch["attention_mask"]), k, mesh)
-  top = _topk(step.student_logits(params, batch, apply, step.LossSpec(answer_only=True)), k,
-              mesh)
+    return step.teacher_topk(apply(params, batch["input_ids"], batch["attention_mask"]), k, mesh)
+  top = step.teacher_topk(
+      step.student_logits(params, batch, apply, step.LossSpec(answer_only=True)), k, mesh)
   b, l = batch["input_ids"].shape
   at_B1 = (jnp.arange(l)[None, :] == batch["answer_pos"][:, None])  # [B, L]
   fill = {"teacher_logprobs": topk.TAIL_FLOOR, "teacher_ids": 0, "teacher_tail": 0.0}

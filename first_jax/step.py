@@ -96,9 +96,20 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int,
                     temperature=jnp.asarray(initial_temperature, jnp.float32), events=events)
 
 
-def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int) -> dict[str, jax.Array]:
-  """The teacher's concentrated knowledge: top-k log-probs, ids and tail log-mass."""
-  logprobs_BxLxK, ids_BxLxK, tail_BxL = topk.extract(teacher_logits_BxLxV, k)
+def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int, mesh=None) -> dict[str, jax.Array]:
+  """The teacher's concentrated knowledge: top-k log-probs, ids and tail log-mass.
+
+  With a `mesh` whose "tensor" axis splits the vocabulary (the logical rules put it there) and
+  divides it, the top-k is taken vocab-parallel (`topk.extract_vocab_parallel`: each shard's
+  top-k, a merge of the K x shards candidates, ids bit-identical, no [B, L, V] gather); the
+  extraction programs and the online step both come here."""
+  n = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  vocab = teacher_logits_BxLxV.shape[-1]
+  if n > 1 and vocab % n == 0 and k <= vocab // n:
+    logprobs_BxLxK, ids_BxLxK, tail_BxL = topk.extract_vocab_parallel(
+        teacher_logits_BxLxV, k, mesh, "tensor", leading_spec=(("data", "fsdp"), None))
+  else:
+    logprobs_BxLxK, ids_BxLxK, tail_BxL = topk.extract(teacher_logits_BxLxV, k)
   return {"teacher_logprobs": logprobs_BxLxK, "teacher_ids": ids_BxLxK, "teacher_tail": tail_BxL}
 
 
@@ -176,8 +187,9 @@ def student_logits(params: Any, batch: dict[str, jax.Array], apply: Apply,
 
 def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
             teacher_params: Any, *, student_apply: Apply, teacher_apply: Apply | None,
-            spec: LossSpec) -> tuple[jax.Array, tuple[dict, jax.Array]]:
-  """Token-mean loss, with (sum, count) metrics and the temperature used."""
+            spec: LossSpec, mesh=None) -> tuple[jax.Array, tuple[dict, jax.Array]]:
+  """Token-mean loss, with (sum, count) metrics and the temperature used. `mesh`: the online
+  teacher's top-k is taken vocab-parallel on it (`teacher_topk`)."""
   logits_BxLxV = student_logits(student_params, batch, student_apply, spec)
   full_batch = batch
   if spec.answer_only:
@@ -201,7 +213,7 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
       loss_sum, count = losses.full_kd(logits_BxLxV, teacher_logits, mask_BxL,
                                        temperature=t, scale_by_t2=True)
     else:
-      targets = teacher_topk(teacher_logits, spec.k) if spec.online else batch
+      targets = teacher_topk(teacher_logits, spec.k, mesh) if spec.online else batch
       if spec.search:
         events = add_events(events, jax.lax.stop_gradient(targets), batch)
         best_t = searched_temperature(events, spec)
@@ -215,12 +227,12 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
                student_apply: Apply, teacher_apply: Apply | None, spec: LossSpec,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, mesh=None) -> tuple[TrainState, dict]:
   """One optimizer update of the student; the teacher (if any) only runs forward."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (metrics, (t, events))), grads = grad_fn(state.params, state, batch, teacher_params,
                                      student_apply=student_apply, teacher_apply=teacher_apply,
-                                     spec=spec)
+                                     spec=spec, mesh=mesh)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)

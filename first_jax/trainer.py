@@ -201,7 +201,7 @@ def jit_step(module, spec, tx, mesh, batch_sharding, state_sh: step_lib.TrainSta
   return jax.jit(functools.partial(
       step_lib.train_step, student_apply=models.apply_fn(module),
       teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
-      spec=spec, tx=tx),
+      spec=spec, tx=tx, mesh=mesh),
       in_shardings=(state_sh, batch_sharding, teacher_sh),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 

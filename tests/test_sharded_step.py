@@ -58,8 +58,10 @@ def _one_step(spec, mesh):
                                    teacher_module=Decoder(TEACHER) if teacher else None,
                                    teacher_params=teacher, events=events,
                                    initial_temperature=1.5)
-  state, metrics = fn(state, jax.device_put(batch, sh.batch_sharding(mesh)), teacher)
-  return state, metrics
+  batch = jax.device_put(batch, sh.batch_sharding(mesh))
+  hlo = fn.lower(state, batch, teacher).as_text()
+  state, metrics = fn(state, batch, teacher)
+  return state, metrics, hlo
 
 
 # Every program on the 3-axis mesh; on pure data parallelism the online one (which holds the
@@ -71,9 +73,12 @@ CASES = [(k, (2, 2, 2)) for k in sorted(SPECS)] + [("online_kd_search", (8, 1, 1
 @pytest.mark.parametrize("kind, shape", CASES)
 def test_one_step_sharded_equals_one_device(kind, shape):
   spec = SPECS[kind]
-  ref_state, ref_metrics = _one_step(spec, sh.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  ref_state, ref_metrics, _ = _one_step(spec, sh.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   mesh = sh.make_mesh(*shape)
-  state, metrics = _one_step(spec, mesh)
+  state, metrics, hlo = _one_step(spec, mesh)
+  # the online teacher's top-k is vocab-parallel (per-shard top-k and merge, in a shard_map)
+  # exactly when the tensor axis splits the vocabulary
+  assert ("manual_computation" in hlo) == (spec.online and mesh.shape["tensor"] > 1), kind
   emb = state.params["embed"]
   assert len(emb.sharding.device_set) == 8  # the state is laid out over the whole mesh
   if shape == (2, 2, 2):
