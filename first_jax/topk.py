@@ -57,6 +57,11 @@ def _kth(vals_xK: jax.Array) -> jax.Array:
   return jnp.min(vals_xK, axis=-1).astype(acc_dtype(vals_xK.dtype))
 
 
+def _safe(v_x: jax.Array) -> jax.Array:
+  """A k-th value made finite (0 where it is -inf: fewer finite logits than k)."""
+  return jnp.where(jnp.isfinite(v_x), v_x, 0.0)
+
+
 def _capped_sum(logits_xV: jax.Array, v_x: jax.Array) -> jax.Array:
   """sum_v min(exp(l_v - v), 1) for the k-th value `v_x` (finite): the one pass over V.
 
@@ -77,8 +82,8 @@ def _finish(vals_xK: jax.Array, m_x: jax.Array, v_x: jax.Array, capped_x: jax.Ar
   tail_rel_x = capped_x - k  # relative to exp(v)
   # An all -inf tail (k >= number of finite logits) has zero mass.
   has_tail_x = (tail_rel_x > 0) & jnp.isfinite(v_x)
-  log_tail_x = jnp.log(jnp.where(has_tail_x, tail_rel_x, 1.0)) + jnp.where(
-      jnp.isfinite(v_x), v_x, 0.0) - m_x  # relative to exp(m)
+  log_tail_x = (jnp.log(jnp.where(has_tail_x, tail_rel_x, 1.0)) + _safe(v_x)
+                - m_x)  # relative to exp(m)
   kept_x = jnp.sum(jnp.exp(vals_xK.astype(m_x.dtype) - m_x[..., None]), axis=-1)
   log_total_x = jnp.logaddexp(jnp.where(has_tail_x, log_tail_x, -jnp.inf), jnp.log(kept_x))
   tail_logmass_x = jnp.where(has_tail_x, log_tail_x - log_total_x, TAIL_FLOOR)
@@ -92,9 +97,6 @@ def _scale(vals_xK: jax.Array) -> tuple[jax.Array, jax.Array]:
   m_x = jnp.max(vals_xK, axis=-1).astype(acc_dtype(vals_xK.dtype))  # a reduce: see `_kth`
   return jnp.where(jnp.isfinite(m_x), m_x, 0.0), _kth(vals_xK)
 
-
-def _safe(v_x: jax.Array) -> jax.Array:
-  return jnp.where(jnp.isfinite(v_x), v_x, 0.0)
 
 
 def extract(logits_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
