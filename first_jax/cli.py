@@ -123,6 +123,8 @@ def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None,
   preemption.install()
   try:
     distributed.initialize()  # before the config: validation counts the global devices
+    if distributed.process_info()[1] > 1:
+      distributed.log_topology()  # each process's devices, so a bad launch shows at once
     cfg = config_lib.load(argv)
     with workspace.lock(cfg):  # one run per workdir
       run(cfg)

@@ -323,22 +323,6 @@ def save_split_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Non
   atomic_write_json(path, dict(record))
 
 
-def load_split_record(path: str | os.PathLike) -> dict[str, Any]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{os.fspath(path)}: expected a split record JSON ({e})") from None
-
-
-def apply_split_record(examples: Sequence[Example],
-                       record: Mapping[str, Any]) -> dict[str, list[Example]]:
-  """Rebuilds saved splits; UserError if the examples changed since the split was made."""
-  if record.get("examples_sha256") != example_sha256(examples):
-    raise UserError("split record: the examples changed since the split was made")
-  return {k: [examples[i] for i in v["indices"]] for k, v in record["splits"].items()}
-
-
 def fingerprint(examples: Sequence[Example], tokenizer_hash: str, max_len: int,
                 **settings: Any) -> str:
   """sha256 hex of the examples, tokenizer, max_len and any JSON-able encoding settings."""

@@ -60,17 +60,6 @@ class _Checks:
     return evaluate.is_done(cfg, tok, data_fp)
 
 
-def done_already(cfg) -> set[str]:
-  """The stages a run of `cfg` would skip: their outputs exist and match the config (a stage
-  counts only when every stage before it does)."""
-  checks, done = _Checks(cfg), set()
-  for name in STAGES:
-    if not checks.is_done(name):
-      break
-    done.add(name)
-  return done
-
-
 def _where(cfg, name: str) -> str:
   """What a skipped stage's "done already" line names."""
   if name == "finetune":

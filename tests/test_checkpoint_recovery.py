@@ -73,7 +73,7 @@ def damage_warnings(caplog):
 @pytest.mark.parametrize("damage, reason", [
     (truncate_largest_array_file, "Error reading"),
     pytest.param(remove_data_position, "FileNotFoundError", marks=pytest.mark.slow),
-    (garbage_data_position, "JSONDecodeError"),
+    pytest.param(garbage_data_position, "JSONDecodeError", marks=pytest.mark.slow),
     pytest.param(impossible_data_position, "not a position of this iterator",
                  marks=pytest.mark.slow),
 ])
@@ -205,6 +205,7 @@ def test_low_disk_before_the_first_save_is_one_line_naming_the_directory(tmp_pat
   assert not [d for d in os.listdir(ckpts) if d.isdigit()]  # nothing half-written
 
 
+@pytest.mark.slow
 def test_low_disk_needs_the_size_of_the_last_step(runs, tmp_path, monkeypatch):
   folder = killed_copy(runs, tmp_path)
   step8 = os.path.join(folder, "checkpoints", "8")

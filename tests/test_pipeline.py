@@ -15,6 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 
+def done_already(cfg) -> set[str]:
+  """The stages a run of `cfg` would skip (a stage counts only when every stage before it
+  does): what the pipeline checks before each stage."""
+  checks, done = pipeline._Checks(cfg), set()
+  for name in pipeline.STAGES:
+    if not checks.is_done(name):
+      break
+    done.add(name)
+  return done
+
+
 @pytest.fixture(scope="module")
 def workdir(smoke_workdir):  # tests/conftest.py: one finished smoke run, shared
   return smoke_workdir
@@ -77,7 +88,7 @@ def test_second_run_skips_finished_stages(workdir, caplog):
 
 def test_rerun_keeps_the_stage_times_of_the_run_that_did_the_work(workdir):
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
-  assert pipeline.done_already(cfg) == set(pipeline.STAGES)  # calibrate, evaluate included
+  assert done_already(cfg) == set(pipeline.STAGES)  # calibrate, evaluate included
   path = os.path.join(workdir, "timings.json")
   with open(path) as f:
     first = json.load(f)
@@ -88,7 +99,7 @@ def test_rerun_keeps_the_stage_times_of_the_run_that_did_the_work(workdir):
     assert second[stage] == first[stage] > 0, stage
   other = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}",
                            "--config.finetune.lr=0.5"])
-  assert pipeline.done_already(other) == set()  # another teacher: nothing is done
+  assert done_already(other) == set()  # another teacher: nothing is done
 
 
 def test_finished_workdir_rerun_does_no_work_and_says_so(workdir, caplog):
@@ -183,7 +194,7 @@ def test_resume_false_starts_over_moving_each_stage_folder_aside(workdir, tmp_pa
   assert not any("resuming at step" in r.getMessage() for r in caplog.records)
   assert os.path.isdir(os.path.join(wd, "students", "kd"))  # not a student of this config
   cfg = config_lib.load(args)
-  assert pipeline.done_already(cfg) == set(pipeline.STAGES)  # a complete run again
+  assert done_already(cfg) == set(pipeline.STAGES)  # a complete run again
 
 
 def test_corrupted_shard_is_refused_naming_it(workdir, tmp_path, capsys):
@@ -213,6 +224,7 @@ def test_unknown_student_variant_is_refused_before_work(tmp_path, capsys):
   assert "'fist'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_online_distillation_with_in_step_temperature_search(workdir, tmp_path):
   import shutil
   wd = str(tmp_path / "online")
@@ -320,6 +332,7 @@ def test_premise_is_recorded_and_can_be_required(workdir, tmp_path, capsys):
     assert "calibrate.require_premise" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
   from first_jax import evaluate
   import shutil

@@ -56,6 +56,7 @@ def test_ce_step_learns_a_fixed_batch():
   assert losses[-1] < 0.3 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ce", "topk_kd", "full_kd"])
 def test_answer_only_equals_full_positions(kind):
   """The head at the answer position only gives the same loss and gradients."""
@@ -77,6 +78,7 @@ def test_answer_only_equals_full_positions(kind):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 @pytest.mark.parametrize("mode", ["prob_softmax", "log_space", None])
 def test_offline_equals_online_on_the_same_batch(tail, mode):
@@ -99,6 +101,7 @@ def test_offline_equals_online_on_the_same_batch(tail, mode):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_online_search_buffers_events_and_starts_from_the_given_temperature():
   student, teacher, batch = tiny(6), tiny(7, layers=2), make_batch(8)
   batch["loss_mask"] = batch["attention_mask"].astype(np.float32)  # many token events

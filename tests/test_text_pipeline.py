@@ -8,6 +8,9 @@ import pytest
 from first_jax import cli, pipeline, store, workspace
 from first_jax import config as config_lib
 
+# Slow (the default suite's 10-minute budget): text data through every stage (~4 min).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TEXT = os.path.join(ROOT, "configs", "smoke.py") + ":text"
 

@@ -70,6 +70,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert total in steps(r) and len(steps(r)) <= 3, steps(r)  # keep-last-2 plus the best
 
 
+@pytest.mark.slow
 def test_resume_true_continues_and_resume_false_starts_over(tmp_path, caplog):
   caplog.set_level("INFO")
   run(str(tmp_path / "a"), 4)
@@ -84,6 +85,7 @@ def test_resume_true_continues_and_resume_false_starts_over(tmp_path, caplog):
                again.params, fresh.params)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_resumes_exactly(tmp_path):
   total = 14
   unbroken = run(str(tmp_path / "a"), total)

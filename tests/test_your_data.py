@@ -14,6 +14,9 @@ import pytest
 from first_jax import calibrate, cli, config as config_lib, extract, finetune, pipeline, sources
 from first_jax import store, tokenizer as tokenizer_lib, train, workspace
 
+# Slow (the default suite's 10-minute budget): the guide's commands end to end (~2 min).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "your_data.md")
 CONFIGS = ("my_mcq.py", "my_bigbench.py", "my_instructions.py")
