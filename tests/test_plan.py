@@ -12,6 +12,7 @@ from first_jax import models, plan
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # ~20 s: the default suite's 10-minute budget
 def test_plan_of_the_smoke_config_on_a_data_x_fsdp_mesh():
   cfg = config_lib.load(["--config", os.path.join(ROOT, "configs", "smoke.py"),
                          "--config.mesh.data=4", "--config.mesh.fsdp=2"])
