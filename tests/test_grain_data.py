@@ -297,30 +297,12 @@ def test_grain_orbax_handler_saves_the_iterator_beside_a_state(tmp_path, rng):
 
 def test_killed_fit_resumes_exactly_with_grain_batches(tmp_path):
   from tests import test_trainer
-  from first_jax import models, step, trainer
 
   def run(folder, total, kill_after=None, loader="grain"):
-    import jax
-    model = test_trainer.tiny(0)
-    tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
-                             clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-    state = step.init_state(model.params, tx, seed=0)
-    fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(model.module),
-                                   teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
-    calls = {"n": 0}
-
-    def step_fn(state, batch, teacher_params):
-      if kill_after is not None and calls["n"] == kill_after:
-        raise KeyboardInterrupt("killed")
-      calls["n"] += 1
-      return fn(state, batch, teacher_params)
-
     arrays = test_trainer.arrays()
     batches = (grain_data.GrainBatches(arrays, 4, seed=3) if loader == "grain"
                else data.BatchIterator(arrays, 4, seed=3))  # 6 batches an epoch
-    put = lambda b: {k: v for k, v in b.items() if k != "example_id"}
-    return trainer.fit(name="t", folder=folder, state=state, step_fn=step_fn, batches=batches,
-                       total_steps=total, put_batch=put, every_steps=4, keep=2, log_every=1)
+    return test_trainer.run(folder, total, kill_after=kill_after, batches=batches)
 
   total = 14  # crosses two epoch boundaries
   run(str(tmp_path / "native"), total, loader="native")

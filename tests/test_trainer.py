@@ -27,7 +27,8 @@ def losses_by_step(folder):
   return {r["step"]: r["t/loss"] for r in rows}
 
 
-def run(folder, total, kill_after=None, sigterm_at=None, resume=True):
+def run(folder, total, kill_after=None, sigterm_at=None, resume=True, batches=None):
+  """fit() of a tiny CE run over `batches` (default: BatchIterator, 6 batches an epoch)."""
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
@@ -44,7 +45,8 @@ def run(folder, total, kill_after=None, sigterm_at=None, resume=True):
     calls["n"] += 1
     return fn(state, batch, teacher_params)
 
-  batches = data.BatchIterator(arrays(), batch_size=4, seed=3)  # 6 batches an epoch
+  if batches is None:
+    batches = data.BatchIterator(arrays(), batch_size=4, seed=3)  # 6 batches an epoch
   put = lambda b: {k: v for k, v in b.items() if k != "example_id"}
   return trainer.fit(name="t", folder=folder, state=state, step_fn=step_fn, batches=batches,
                      total_steps=total, put_batch=put, every_steps=4, keep=2, log_every=1,
