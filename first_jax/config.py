@@ -274,9 +274,11 @@ def validate(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   d = cfg.distill
   _require(0 <= d.search_min_events <= d.search_events, "distill.search_min_events",
            "0 <= value <= distill.search_events", d.search_min_events)
-  _require(all(isinstance(b, int) and 2 <= b <= cfg.data.max_len for b in d.length_buckets),
-           "distill.length_buckets", f"lengths between 2 and data.max_len ({cfg.data.max_len})",
-           d.length_buckets)
+  for name in ("finetune", "distill"):
+    buckets = cfg[name].length_buckets
+    _require(all(isinstance(b, int) and 2 <= b <= cfg.data.max_len for b in buckets),
+             f"{name}.length_buckets", f"lengths between 2 and data.max_len ({cfg.data.max_len})",
+             buckets)
   split = cfg.data.validation + cfg.data.test
   _require(cfg.data.validation > 0 and cfg.data.test > 0 and split < 1, "data.validation",
            "validation and test fractions > 0 summing to < 1", (cfg.data.validation, cfg.data.test))
@@ -496,7 +498,7 @@ def base() -> ml_collections.ConfigDict:
   ))
   optim = dict(lr=1e-3, epochs=1, batch_size=8, grad_accum=1, warmup_ratio=0.03,
                weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  c.finetune = ml_collections.ConfigDict(dict(optim, label_smoothing=0.0))
+  c.finetune = ml_collections.ConfigDict(dict(optim, label_smoothing=0.0, length_buckets=()))
   c.distill = ml_collections.ConfigDict(dict(
       optim,
       mode="offline",  # offline: targets from the store; online: teacher inside the step
@@ -771,6 +773,9 @@ SCHEMA: dict[str, Key] = {
     **_block("finetune", _OPTIM_FIELDS, ("finetune",)),
     "finetune.label_smoothing": Key("label smoothing of the teacher's fine-tuning", ("finetune",),
                                     lo=0, hi=1, hi_open=True),
+    "finetune.length_buckets": Key("as distill.length_buckets, for the teacher's fine-tuning "
+                                   "batches", ("finetune",), item=int,
+                                   allowed="lengths between 2 and data.max_len"),
     # distillation (the students)
     **_block("distill", _OPTIM_FIELDS, ("train",)),
     "distill.mode": Key("offline: KD targets read from the top-k store; online: the teacher "

@@ -50,15 +50,22 @@ def fingerprint(*blocks: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# data keys added after the first finished runs: hashed only when set away from their default,
-# so that adding them did not invalidate those runs
-_LATER_KEYS = ("kind", "text_fields", "answer_template", "on_bad_example", "use_task_prefix")
+# keys added after the first finished runs: hashed only when set away from their default, so
+# that adding them did not invalidate those runs
+_LATER_KEYS = {"data": ("kind", "text_fields", "answer_template", "on_bad_example",
+                        "use_task_prefix"),
+               "finetune": ("length_buckets",)}
+
+
+def _block(cfg: ml_collections.ConfigDict, name: str) -> dict:
+  """`cfg[name]` as stage fingerprints hash it (see `_LATER_KEYS`)."""
+  block, default = cfg[name].to_dict(), config_lib.base()[name].to_dict()
+  later = _LATER_KEYS.get(name, ())
+  return {k: v for k, v in block.items() if k not in later or v != default[k]}
 
 
 def data_block(cfg: ml_collections.ConfigDict) -> dict:
-  """`cfg.data` as stage fingerprints hash it (see `_LATER_KEYS`)."""
-  block, default = cfg.data.to_dict(), config_lib.base().data.to_dict()
-  return {k: v for k, v in block.items() if k not in _LATER_KEYS or v != default[k]}
+  return _block(cfg, "data")
 
 
 def _read_marker(marker: str) -> tuple[dict | None, str | None]:
@@ -84,7 +91,8 @@ _warned: set[tuple[str, int, int]] = set()  # damaged markers already reported (
 def teacher_fingerprint(cfg: ml_collections.ConfigDict) -> str:
   """What the fine-tuned teacher depends on (its done-marker; the store and KD students record
   it, so a changed teacher invalidates them)."""
-  return fingerprint(cfg.seed, cfg.tokenizer, data_block(cfg), cfg.teacher, cfg.finetune)
+  return fingerprint(cfg.seed, cfg.tokenizer, data_block(cfg), cfg.teacher,
+                     _block(cfg, "finetune"))
 
 
 def done_fingerprint(path: str) -> str | None:

@@ -1,4 +1,5 @@
 """Config loading, overrides and start-up validation; the CLI's exit code 2."""
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,25 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   assert workspace.teacher_fingerprint(demo) != workspace.teacher_fingerprint(full)  # OOD sizes
   for cfg in (demo, full, long):
     train.run_checks(cfg)  # every student name parses
+  # the teacher's and the students' batches cut to length buckets (36% of the columns padding)
+  assert demo.finetune.length_buckets == demo.distill.length_buckets == (64, 80, 96)
+
+
+def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
+  from first_jax import workspace
+  smoke = config_lib.load(["--config", SMOKE])
+  base_fp = workspace.teacher_fingerprint(smoke)
+  # the key is hashed only away from its default: runs made before it existed stay done
+  without = smoke.finetune.to_dict()
+  del without["length_buckets"]
+  assert base_fp == workspace.fingerprint(smoke.seed, smoke.tokenizer,
+                                          workspace.data_block(smoke), smoke.teacher, without)
+  bucketed = config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,48)"])
+  assert bucketed.finetune.length_buckets == (24, 48)
+  assert workspace.teacher_fingerprint(bucketed) != base_fp
+  with pytest.raises(UserError, match=r"finetune\.length_buckets: expected lengths between 2 "
+                     r"and data\.max_len \(48\)"):
+    config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,64)"])
 
 
 def test_trust_config_shares_one_teacher_across_student_seeds():
@@ -139,6 +159,11 @@ def test_trust_config_shares_one_teacher_across_student_seeds():
   assert a.workdir != b.workdir
   # run_trust.sh links seed 0's teacher and store in: the same fingerprint, or it would retrain
   assert workspace.teacher_fingerprint(a) == workspace.teacher_fingerprint(b)
+  # ... and the store committed in docs/results/teacher/ is that teacher's: a config change that
+  # moved this fingerprint (e.g. demo.py's fine-tuning buckets reaching trust.py) would make
+  # every student seed fine-tune the teacher again
+  with open(os.path.join(ROOT, "docs", "results", "teacher", "store", "manifest.json")) as f:
+    assert json.load(f)["teacher"]["fingerprint"] == workspace.teacher_fingerprint(b)
   va, vb = (train.parse_variant("first", c) for c in (a, b))
   assert train.variant_fingerprint(a, va, 1.5) != train.variant_fingerprint(b, vb, 1.5)
   assert train.student_seed(a) == 0 and train.student_seed(b) == 2
