@@ -33,9 +33,8 @@ def get_config(arg: str = ""):
   c.distill.seed = student_seed
   c.distill.temperature_mode = "log_space"
   c.calibrate.mode = "log_space"
-  # the teacher as it was fine-tuned (unbucketed) for docs/results/teacher/; the demo's buckets
-  # for the students
-  c.finetune.length_buckets = ()
+  c.finetune.length_buckets = ()  # the teacher as fine-tuned for docs/results/teacher/
+  c.distill.length_buckets = (64, 80, 96)  # students: batches of similar length, less padding
   c.calibrate.require_premise = True  # no students from a teacher that is not over-confident
   # Seeds >= 1 train the rows the goal compares and kd (sft+ts and first+ts are post-hoc fits of
   # sft and first), so that a seed fits a 3-hour session on 2 cores. Seed 0 also trains the label
