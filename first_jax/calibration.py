@@ -41,6 +41,9 @@ def _weights(x_N: jax.Array, weights_N: jax.Array | None) -> jax.Array:
   return jnp.asarray(weights_N, jnp.float32)
 
 
+_UNROLLED_BINS = 32  # up to this many bins, bin_index compares with every edge
+
+
 def bin_index(confidence_N: jax.Array, num_bins: int, binning: str = "equal_width",
               weights_N: jax.Array | None = None) -> jax.Array:
   """Bin (0..M-1, int32) of each event under `binning` (see module docstring)."""
@@ -51,9 +54,17 @@ def bin_index(confidence_N: jax.Array, num_bins: int, binning: str = "equal_widt
   conf_N = jnp.asarray(confidence_N, jnp.float32)
   if binning == "equal_width":
     # Compare with the edges rather than ceil(c * M): 0.3 lands in (0.2, 0.3] even though
-    # float32(0.3) * 10 rounds either way.
-    inner_edges = jnp.asarray(np.arange(1, num_bins) / num_bins, jnp.float32)
-    return jnp.searchsorted(inner_edges, conf_N, side="left").astype(jnp.int32)
+    # float32(0.3) * 10 rounds either way. The bin is the number of inner edges below c: for
+    # the usual few bins, one fused pass of compares (3.8x faster on XLA:CPU than
+    # searchsorted's default scan at 10 bins, the temperature search's inner loop).
+    inner_edges = np.asarray(np.arange(1, num_bins) / num_bins, np.float32)
+    if num_bins > _UNROLLED_BINS:
+      return jnp.searchsorted(jnp.asarray(inner_edges), conf_N, side="left",
+                              method="scan_unrolled").astype(jnp.int32)
+    idx_N = jnp.zeros(conf_N.shape, jnp.int32)
+    for edge in inner_edges:
+      idx_N = idx_N + (conf_N > edge).astype(jnp.int32)
+    return idx_N
   w_N = _weights(conf_N, weights_N)
   order_N = jnp.argsort(conf_N, stable=True)
   w_sorted_N = w_N[order_N]

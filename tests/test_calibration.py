@@ -79,6 +79,18 @@ def test_equal_width_edges_and_counts():
   assert float(rel.count_M.sum()) == len(conf)
 
 
+@pytest.mark.parametrize("num_bins", [1, 2, 10, 32, 33, 100])
+def test_equal_width_bin_is_the_count_of_edges_below(num_bins):
+  """Both ways of binning (compares up to 32 bins, a binary search above) give the number of
+  float32 inner edges m / M strictly below c, the edges themselves included."""
+  rng = np.random.default_rng(num_bins)
+  edges = (np.arange(1, num_bins) / num_bins).astype(np.float32)
+  conf = np.concatenate([rng.uniform(0, 1, 2000).astype(np.float32), edges,
+                         np.nextafter(edges, np.float32(1)), [0.0, 1.0]]).astype(np.float32)
+  got = np.asarray(jax.jit(calibration.bin_index, static_argnums=1)(jnp.asarray(conf), num_bins))
+  np.testing.assert_array_equal(got, (conf[:, None] > edges[None, :]).sum(-1))
+
+
 def test_equal_mass_bins_are_balanced():
   rng = np.random.default_rng(3)
   conf = rng.beta(5, 1, size=1003).astype(np.float32)  # skewed: equal-width bins would not be
