@@ -9,10 +9,9 @@ the seconds per stage (the pipeline's timings.json), the command's wall-clock (s
 asset loading included), and the share of padded positions in the batches each stage computes
 on, counted by the same batching code the stages use (data.BatchIterator with the stage's
 length buckets, and the evaluation's shortest-first order cut by data.trim_batch):
-  before   configs/demo.py with `finetune.length_buckets=()` and `distill.length_buckets=()`
-           (every batch at data.max_len, 96) and FIRST_JAX_XLA_CPU_DEFAULT=1 (XLA:CPU's default
-           options): the job as it ran before this speed work
-  after    configs/demo.py as it is, with first_jax.xla_cpu's options
+  before   configs/demo.py with `finetune.length_buckets=()` and `distill.length_buckets=()`:
+           every batch at data.max_len (96), as the job ran before the buckets were its default
+  after    configs/demo.py as it is
 A variant whose record is already in --out is not run again (a killed run resumes by variant);
 `--force` runs it anyway. Progress: the pipeline's own (rate and ETA per stage).
 """
@@ -35,8 +34,6 @@ CONFIG = "configs/demo.py"
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
 VARIANTS = {"before": {"finetune.length_buckets": (), "distill.length_buckets": ()},
             "after": {}}
-# "before" also runs with XLA:CPU's default options (first_jax.xla_cpu leaves them)
-ENV = {"before": {"FIRST_JAX_XLA_CPU_DEFAULT": "1"}, "after": {}}
 
 
 def flags(overrides: dict[str, Any]) -> list[str]:
@@ -115,12 +112,7 @@ def run_variant(name: str, workdir: str) -> dict[str, Any]:
          f"--config.workdir={wd}", *flags(VARIANTS[name])]
   log(f"{name}: {' '.join(cmd[1:])}")
   t0 = time.time()
-  env = {**os.environ, **ENV[name]}
-  if ENV[name]:  # XLA's defaults: no first_jax.xla_cpu option inherited either
-    from first_jax import xla_cpu
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith(xla_cpu.OPTION))
-  subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+  subprocess.run(cmd, cwd=ROOT, check=True)
   wall = time.time() - t0
   with open(os.path.join(wd, "timings.json")) as f:
     stages = json.load(f)
@@ -129,8 +121,7 @@ def run_variant(name: str, workdir: str) -> dict[str, Any]:
     raise SystemExit(f"{wd}/timings.json: no seconds for stage(s) {missing}")
   with open(os.path.join(wd, "eval", "results.json")) as f:
     results = json.load(f)
-  prefix = [f"{k}={v}" for k, v in ENV[name].items()]
-  return {"command": " ".join([*prefix, "python", *cmd[1:]]), "stage_s": stages,
+  return {"command": " ".join(["python", *cmd[1:]]), "stage_s": stages,
           "stages_total_s": round(sum(stages[s] for s in STAGES), 1),
           "wall_s": round(wall, 1), "results": results}
 

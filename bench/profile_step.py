@@ -129,12 +129,7 @@ def main(argv=None) -> int:
   ap.add_argument("--model", default="smollm2")
   ap.add_argument("--text", default="botchan", choices=("botchan", "embedded", "random"))
   ap.add_argument("--no-torch", action="store_true")
-  ap.add_argument("--xla-default", action="store_true",
-                  help="XLA:CPU's default options, not first_jax.xla_cpu's")
   a = ap.parse_args(argv)
-  if not a.xla_default:
-    from first_jax import xla_cpu
-    xla_cpu.configure()
   import jax
   import torch
   from bench import baselines_torch

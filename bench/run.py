@@ -126,7 +126,6 @@ class Settings:
   b2: float = 0.999
   eps: float = 1e-8
   seed: int = 0
-  xla_options: bool = True  # first_jax.xla_cpu.configure() before the backend starts
 
 
 MODES = {
@@ -1134,9 +1133,6 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str
   for name in INT_OPTIONS:
     ap.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
                     help="override the mode's value")
-  ap.add_argument("--xla-default", action="store_true",
-                  help="XLA:CPU's default options, not the ones the stages set "
-                       "(first_jax.xla_cpu): the before of docs/benchmarks.md")
   ap.add_argument("--no-loss-rss", action="store_true",
                   help="loss_memory: skip the child processes that measure the peak RSS")
   a = ap.parse_args(argv)
@@ -1150,8 +1146,6 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str
     values["text"] = a.text
   if a.no_loss_rss:
     values["loss_rss"] = False
-  if a.xla_default:
-    values["xla_options"] = False
   s = Settings(mode=a.mode, **values)
   for name in INT_OPTIONS:
     if name != "warmup" and getattr(s, name) < 1:
@@ -1171,9 +1165,6 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str
 
 def main(argv: list[str] | None = None) -> int:
   s, only, out = parse(argv)
-  if s.xla_options:
-    from first_jax import xla_cpu
-    xla_cpu.configure()  # as the stages run (before the backend starts)
   result = run(s, only, argv)
   text = json.dumps(result, indent=1, sort_keys=False)
   if out:

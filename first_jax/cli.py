@@ -17,7 +17,7 @@ import textwrap
 from typing import Any, Callable, Sequence
 
 from first_jax import config as config_lib
-from first_jax import distributed, log, preemption, workspace, xla_cpu
+from first_jax import distributed, log, preemption, workspace
 from first_jax.errors import UserError
 
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate", "pipeline")
@@ -121,7 +121,6 @@ def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None,
     return 0
   log.setup()
   preemption.install()
-  xla_cpu.configure()  # before the backend starts
   try:
     distributed.initialize()  # before the config: validation counts the global devices
     if distributed.process_info()[1] > 1:

@@ -382,8 +382,11 @@ def run(cfg) -> dict:
   if cfg.resume and _done(out, model_fps, done_fp):
     log.info("evaluate: done already (%s, fingerprint %s)", out, done_fp)
     return report(cfg)
-  if jax.process_index() == 0 and os.path.exists(os.path.join(out, "done.json")):
-    os.remove(os.path.join(out, "done.json"))  # results of another evaluation: not done now
+  if jax.process_index() == 0:  # the only writer of eval/
+    if os.path.exists(os.path.join(out, "done.json")):
+      os.remove(os.path.join(out, "done.json"))  # results of another evaluation: not done now
+    for folder in (out, os.path.join(out, "scores")):  # what a killed write left half-written
+      io_util.remove_stale_temps(folder)
   data = workspace.load_data(cfg, tok)
   kind = (_Text if data.kind == "text" else _Choice)(cfg, tok, data)
   mesh = workspace.mesh(cfg)

@@ -127,6 +127,7 @@ def run(cfg) -> dict:
   if "evaluate" in skipped:
     result = evaluate.report(cfg)  # the stored table, as a run that evaluates prints it
   if jax.process_index() == 0:
+    io_util.remove_stale_temps(os.path.dirname(path), ".tmp-timings.json-*")  # a killed write's
     io_util.atomic_write_json(path, timings)
   log.info("pipeline: done (stage seconds, skipped stages as first measured: %s)",
            json.dumps(timings))

@@ -146,6 +146,7 @@ def train_variant(cfg, variant: Variant, tok, data) -> str:
   spec = variant.spec
   if is_done(cfg, variant):
     log.info("train %s: done already", variant.name)
+    workspace.prune_done(cfg, out)  # finishes a pruning a kill interrupted
     return out
   t = teacher_temperature(cfg, spec)
   fp = variant_fingerprint(cfg, variant, t)

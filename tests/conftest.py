@@ -6,10 +6,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from first_jax import xla_cpu  # noqa: E402
-
-xla_cpu.configure()  # the XLA:CPU options the stages run with (their subprocesses inherit them)
-
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -142,6 +142,46 @@ def test_rerun_prunes_what_a_kill_after_the_done_marker_left(workdir, tmp_path, 
   assert sum("checkpoints pruned" in m for m in messages) == 3, messages
 
 
+def test_a_done_student_of_an_unfinished_train_stage_finishes_its_pruning(workdir, tmp_path,
+                                                                          caplog):
+  # the SIGKILL matrix's case: killed while kd's checkpoints were being removed, before the
+  # next student finished; the re-run's train stage runs and skips kd, which must prune too
+  import shutil
+  wd = str(tmp_path / "killed")
+  shutil.copytree(workdir, wd)
+  half = os.path.join(wd, "students/kd/checkpoints.deleting-17/60/state")
+  os.makedirs(os.path.dirname(half))
+  with open(half, "wb") as f:
+    f.write(np.random.default_rng(1).bytes(1000))
+  cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
+  tok = workspace.tokenizer(cfg)
+  kd = train.parse_variant("kd", cfg)
+  caplog.set_level("INFO")
+  train.train_variant(cfg, kd, tok, workspace.load_data(cfg, tok))
+  messages = [r.getMessage() for r in caplog.records]
+  assert "train kd: done already" in messages, messages
+  assert not any(n.startswith("checkpoints") for n in os.listdir(os.path.join(wd, "students/kd")))
+  assert any("checkpoints pruned" in m for m in messages), messages
+
+
+def test_an_evaluation_rerun_removes_the_temp_files_a_killed_one_left(workdir, tmp_path):
+  # the SIGKILL matrix's case: killed between writing eval/events.json's temp file and its rename
+  import shutil
+  from first_jax import evaluate
+  wd = str(tmp_path / "killed")
+  shutil.copytree(workdir, wd)
+  os.remove(os.path.join(wd, "eval", "done.json"))  # the kill came before it
+  planted = [os.path.join(wd, "eval", ".tmp-events.json-k1ll"),
+             os.path.join(wd, "eval", "scores", ".tmp-first.npz-k1ll")]
+  for p in planted:
+    with open(p, "wb") as f:
+      f.write(np.random.default_rng(2).bytes(100))
+  results = evaluate.run(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"]))
+  assert not any(os.path.exists(p) for p in planted)
+  assert results == json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]
+  assert os.path.exists(os.path.join(wd, "eval", "done.json"))
+
+
 def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(workdir, caplog):
   from first_jax import calibrate, evaluate
   caplog.set_level("INFO")
