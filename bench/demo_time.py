@@ -63,19 +63,18 @@ def _train_share(arrays: dict, optim, seed: int) -> dict[str, Any]:
 
 def _scored_share(sets: list[dict], batch_size: int, buckets: tuple[int, ...],
                   shortest_first: bool) -> dict[str, Any]:
-  """Padded share of scoring every row of `sets` in batches of `batch_size` (the last batch of
-  a set filled with copies, as infer.map_rows does), trimmed to `buckets`."""
+  """Padded share of scoring every row of `sets` as infer.map_rows batches them (in order or
+  shortest first, the last batch filled with copies, each batch trimmed to `buckets`)."""
   from first_jax import data as data_lib
   real = cells = 0
   for arrays in sets:
     mask = arrays["attention_mask"]
-    lengths = mask.sum(-1)
-    order = np.argsort(lengths, kind="stable") if shortest_first else np.arange(len(mask))
-    for i in range(0, len(order), batch_size):
-      rows = order[i:i + batch_size]
-      rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-      b = data_lib.trim_batch({"input_ids": mask[rows], "attention_mask": mask[rows]}, buckets)
-      real += int(lengths[rows].sum())
+    order = np.argsort(mask.sum(-1), kind="stable") if shortest_first else np.arange(len(mask))
+    rows = {"input_ids": mask[order], "attention_mask": mask[order]}
+    for b in data_lib.BatchIterator(rows, batch_size, seed=0, shuffle=False,
+                                    drop_remainder=False, num_epochs=1):
+      b = data_lib.trim_batch(b, buckets)
+      real += int(b["attention_mask"].sum())
       cells += b["attention_mask"].size
   return _share(real, cells)
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import MODES, Context, Settings, compile_train_step, environment, log
+from bench.run import (MODES, Context, Settings, compile_train_step, environment, log,
+                       step_inputs)
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -138,13 +139,7 @@ def main(argv=None) -> int:
                                "model": a.model, "text": a.text})
   ctx = Context(s)
   try:
-    w = ctx.windows(0, a.batch, a.length + 1)
-    batch = {"input_ids": w[:, :-1].copy(), "attention_mask": np.ones((a.batch, a.length),
-                                                                         np.int32),
-             "targets": w[:, 1:].copy(), "loss_mask": np.ones((a.batch, a.length), np.float32)}
-    opt = dict(lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm, b1=s.b1, b2=s.b2,
-               eps=s.eps)
-    tx = step.make_optimizer(total_steps=1_000_000, warmup_ratio=0.0, **opt)
+    batch, opt, tx = step_inputs(ctx, s)  # as bench.run's step section
     state, step_fn, _ = compile_train_step(ctx.model.module, ctx.model.params,
                                            step.LossSpec(kind="ce"), tx, ctx.mesh, s.seed)
     bsh = sharding.batch_sharding(ctx.mesh)

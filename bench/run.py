@@ -639,6 +639,19 @@ def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
           "bytes_per_position": {n: x / (b * l) for n, x in written.items()}}
 
 
+def step_inputs(ctx: Context, s: Settings) -> tuple[dict[str, np.ndarray], dict, Any]:
+  """The [B, L] cross-entropy batch of text windows, the AdamW settings, and first_jax's
+  optimizer as trainer.train_model builds it (constant lr: no warmup, a long decay)."""
+  from first_jax import step
+  b, l = s.batch, s.length
+  w = ctx.windows(0, b, l + 1)  # L + 1 tokens: inputs and their next tokens
+  batch = {"input_ids": w[:, :-1].copy(), "attention_mask": np.ones((b, l), np.int32),
+           "targets": w[:, 1:].copy(), "loss_mask": np.ones((b, l), np.float32)}
+  opt = dict(lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm, b1=s.b1, b2=s.b2,
+             eps=s.eps)
+  return batch, opt, step.make_optimizer(total_steps=1_000_000, warmup_ratio=0.0, **opt)
+
+
 def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
@@ -646,14 +659,8 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   from bench import baselines_torch
   from first_jax import sharding, step
   b, l = s.batch, s.length
-  w = ctx.windows(0, b, l + 1)  # L + 1 tokens: inputs and their next tokens
-  batch = {"input_ids": w[:, :-1].copy(), "attention_mask": np.ones((b, l), np.int32),
-           "targets": w[:, 1:].copy(), "loss_mask": np.ones((b, l), np.float32)}
   peak = ctx.peak()  # before the big allocations
-  opt = dict(lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip_norm, b1=s.b1, b2=s.b2,
-             eps=s.eps)
-  # first_jax, as trainer.train_model builds it (constant lr: no warmup, a long decay)
-  tx = step.make_optimizer(total_steps=1_000_000, warmup_ratio=0.0, **opt)
+  batch, opt, tx = step_inputs(ctx, s)
   # the state is donated: a copy of the ctx's params, in the same layout
   params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params)
   state, step_fn, how = compile_train_step(ctx.model.module, params, step.LossSpec(kind="ce"),
