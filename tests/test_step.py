@@ -200,6 +200,35 @@ def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
   assert losses[-1] < losses[0]
 
 
+def test_cpu_step_options_compile_and_update_as_the_default_program():
+  """`trainer.jit_step` compiles the step with `step_compiler_options` on CPU (a jaxlib that
+  renames or drops the option fails here) and makes the same update as the step compiled
+  without them, loss, metrics and parameters."""
+  from first_jax import sharding, trainer
+  student, batch = tiny(17, layers=2, hidden=64), make_batch(18)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  assert trainer.step_compiler_options(mesh) == trainer.CPU_STEP_OPTIONS
+  tx = step.make_optimizer(lr=3e-3, total_steps=4, warmup_ratio=0.0, weight_decay=0.01,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  spec = step.LossSpec(kind="ce")
+  state, fn = trainer.compile_step(student.module, student.params, spec, tx, mesh,
+                                   sharding.batch_sharding(mesh), seed=0)
+  plain = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
+      student.module), teacher_apply=None, spec=spec, tx=tx))
+  ref_state = step.init_state(student.params, tx, seed=0)
+  # the options took: YNNPACK's matmuls come fused with their neighbours, in fewer calls
+  fused = fn.lower(state, batch, None).compile().as_text()
+  alone = plain.lower(ref_state, batch, None).compile().as_text()
+  assert 0 < fused.count("ynn_fusion") < alone.count("ynn_fusion")
+  for _ in range(2):
+    state, m = fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)), None)
+    ref_state, ref_m = plain(ref_state, batch, None)
+    for key in ("loss", "grad_norm"):
+      np.testing.assert_allclose(np.asarray(m[key]), np.asarray(ref_m[key]), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-6), state.params, ref_state.params)
+
+
 def test_answer_only_extraction_matches_full_at_the_answer_positions():
   teacher, batch = tiny(12, layers=2), make_batch(13)
   apply = models.apply_fn(teacher.module)
