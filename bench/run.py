@@ -567,6 +567,8 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
          "timings": t,
          "tokens_per_s": {n: tokens / v["median_s"] for n, v in t.items()},
          "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
+         "speedup_from_xla_options": ratio(t["first_jax_xla_default"]["median_s"],
+                                           t["first_jax"]["median_s"]),
          "forward_flops": flops, "agreement": agree}
   peak = ctx.peak()["peak_flops_per_s"]
   out["mfu"] = {n: flops["total"] / v["median_s"] / peak for n, v in t.items()}
@@ -657,7 +659,7 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax.numpy as jnp
   import torch
   from bench import baselines_torch
-  from first_jax import sharding, step
+  from first_jax import models, sharding, step
   b, l = s.batch, s.length
   peak = ctx.peak()  # before the big allocations
   batch, opt, tx = step_inputs(ctx, s)
@@ -689,27 +691,50 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
     if not tloss:
       tloss.append(loss)
 
+  # the same step compiled without the CPU options of `xla_options` (what they bring)
+  plain_fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
+      ctx.model.module), teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx),
+      donate_argnums=0)
+  plain_holder = {"state": step.init_state(
+      jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params), tx,
+      seed=s.seed)}
+
+  def first_jax_xla_default():
+    st, metrics = plain_fn(plain_holder["state"], jax.device_put(batch, batch_sh), None)
+    plain_holder["state"] = jax.block_until_ready(st)
+    if "loss" not in plain_holder:
+      total, count = jax.device_get(metrics["loss"])
+      plain_holder["loss"] = float(total / max(count, 1.0))
+
   log(f"step: [{b}, {l}], warmup {s.warmup}, reps {s.reps}")
-  t = interleaved({"first_jax": first_jax, "torch": torch_fn}, s.warmup, s.reps)
+  t = interleaved({"first_jax": first_jax, "torch": torch_fn,
+                   "first_jax_xla_default": first_jax_xla_default}, s.warmup, s.reps)
   fwd = forward_flops(ctx.model.config, b, l)
   train_flops = 3.0 * fwd["total"]  # backward = 2 x forward
   out = {"shapes": {"input_ids": [b, l], "logits": [b, l, ctx.model.config.vocab_size]},
          "what": {"first_jax": f"{how}, spec=LossSpec(kind='ce'), tx=step.make_optimizer"
                                "(...); device_put of the batch included",
                   "torch": "transformers model.train(), zero_grad, forward, masked token-mean "
-                           "cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.step"},
+                           "cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.step",
+                  "first_jax_xla_default": "the same step.train_step, jax.jit with donation "
+                                           "and no compiler_options (XLA's defaults), its own "
+                                           "copy of the state"},
          "optimizer": opt, "torch_attn_implementation": baselines_torch.attn_implementation(tmodel),
          "loss_at_first_step": {"first_jax": holder["loss"][0] if holder["loss"] else None,
-                                "torch": tloss[0] if tloss else None},
+                                "torch": tloss[0] if tloss else None,
+                                "first_jax_xla_default": plain_holder.get("loss")},
          "timings": t,
          "tokens_per_s": {n: b * l / v["median_s"] for n, v in t.items()},
          "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
+         "speedup_from_xla_options": ratio(t["first_jax_xla_default"]["median_s"],
+                                           t["first_jax"]["median_s"]),
          "train_flops_per_step": train_flops,
          "flops_convention": "3 x forward matmul FLOPs (bench.run.forward_flops)",
          "peak_flops_per_s": peak["peak_flops_per_s"],
          "mfu": {n: train_flops / v["median_s"] / peak["peak_flops_per_s"]
                  for n, v in t.items()}}
   holder.clear()
+  plain_holder.clear()
   del tstep, tmodel
   gc.collect()
   out["kd"] = _kd_step(ctx, s, batch, tx, opt)
@@ -831,13 +856,14 @@ def numpy_ece_curve(logprobs_NxK: np.ndarray, ids_NxK: np.ndarray, targets_N: np
 
 def section_search(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
-  from first_jax import temperature
+  from first_jax import temperature, xla_options
   n, nt, mode, nb = s.search_events, s.search_temps, s.search_mode, 10
   ev = synthetic_events(n, s.k, STORE_VOCABS[-1], s.seed)
   coarse = temperature.default_grid(mode)
   grid_T = np.geomspace(coarse[0], coarse[-1], nt).astype(np.float32)
   search = jax.jit(lambda lp, ids, tg, tail, grid: temperature.search(
-      lp, ids, tg, mode=mode, num_bins=nb, refine=False, grid=grid, tail_logmass_N=tail))
+      lp, ids, tg, mode=mode, num_bins=nb, refine=False, grid=grid, tail_logmass_N=tail),
+      compiler_options=xla_options.fused_dots(jax.devices()[0].platform))  # as calibrate
   dev = jax.block_until_ready(jax.device_put(
       (ev["logprobs"], ev["ids"], ev["targets"], ev["tail"], grid_T)))
   held: dict[str, Any] = {}
@@ -873,8 +899,9 @@ def section_search(ctx: Context, s: Settings) -> dict[str, Any]:
                     "logits with a lognormal per-event scale + tail; top-1 correct with "
                     "probability p1 ** 1.5",
           "what": {"first_jax": "jax.jit(temperature.search(..., refine=False, grid, "
-                                "tail_logmass_N)) on device arrays: every temperature in one "
-                                "lax.scan (ECE + binary NLL + Brier each); compiled in the "
+                                "tail_logmass_N), compiler_options=xla_options.fused_dots) "
+                                "on device arrays, as calibrate compiles it: every "
+                                "temperature in one lax.scan (ECE + binary NLL + Brier each); compiled in the "
                                 "warm-up call; curve and best t device_get",
                    "numpy": "bench.run.numpy_ece_curve: Python loop over temperatures, NumPy "
                             "over events in a bins-first [k + 1, N] layout (ECE only: "

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from first_jax import calibration, cli, distributed, infer, losses, plots, store, temperature
-from first_jax import workspace
+from first_jax import workspace, xla_options
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,13 @@ def run_searches(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, *, num_bins: int,
   out = {}
   args = [jnp.asarray(x) for x in (lp_NxK, ids_NxK, gold_N, tail_N)]
   choice = None if choice_NxC is None else jnp.asarray(choice_NxC)
+  options = xla_options.fused_dots(next(iter(args[0].devices())).platform)
   for mode in temperature.MODES:
     for tail in losses.TAILS:
       res = jax.device_get(jax.jit(lambda a, b, c, d, e, mode=mode, tail=tail: temperature.search(
           a, b, c, mode=mode, num_bins=num_bins, refine=refine,
-          tail_logmass_N=d if tail == "bucket" else None, choice_ids_NxC=e))(*args, choice))
+          tail_logmass_N=d if tail == "bucket" else None, choice_ids_NxC=e),
+          compiler_options=options)(*args, choice))
       at1 = np.flatnonzero(res.temperatures_T == 1.0)
       out[store.search_key(mode, tail)] = {
           "best_t": float(res.best_t), "best_ece": float(res.best_ece),

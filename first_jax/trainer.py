@@ -22,6 +22,7 @@ from first_jax import io_util, models
 from first_jax import log as log_lib
 from first_jax import preemption, sharding
 from first_jax import step as step_lib
+from first_jax import xla_options
 from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -193,32 +194,19 @@ def state_shardings(tx, params: Any, events: Any, mesh) -> step_lib.TrainState:
       temperature=rep, events=None if events is None else jax.tree.map(lambda _: rep, events))
 
 
-# XLA:CPU (jaxlib 0.10) hands each matmul alone to YNNPACK; letting it take the matmul with
-# the elementwise work around it ("dot" fusions) drops the layout copies that transposed every
-# weight gradient in the layer scan: the SmolLM2-135M step 9.8 -> 8.0 s on 2 cores
-# (docs/benchmarks.md, "The train step on XLA:CPU"). Step programs only: forward-only programs
-# then materialise a V-wide exp in log-sum-exp (the loss tests' compiled-memory check).
-CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-
-def step_compiler_options(mesh) -> dict[str, str] | None:
-  """The train step's XLA options for the mesh's platform (CPU_STEP_OPTIONS on CPU)."""
-  return dict(CPU_STEP_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
-
-
 def jit_step(module, spec, tx, mesh, batch_sharding, state_sh: step_lib.TrainState, *,
              teacher_module=None, teacher_sh: Any = None) -> StepFn:
   """The jitted step with explicit layouts: the state keeps its shardings `state_sh` step after
   step (donated, updated in place), every batch entry is split over (data, fsdp) on its leading
   axis, the teacher (never donated) keeps its own `teacher_sh`, metrics come back replicated.
-  Compiled with `step_compiler_options(mesh)`."""
+  On CPU, compiled with YNNPACK's fused matmuls (`xla_options.fused_dots`)."""
   return jax.jit(functools.partial(
       step_lib.train_step, student_apply=models.apply_fn(module),
       teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
       spec=spec, tx=tx, mesh=mesh),
       in_shardings=(state_sh, batch_sharding, teacher_sh),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=step_compiler_options(mesh))
+      compiler_options=xla_options.fused_dots(mesh.devices.flat[0].platform))
 
 
 def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, seed: int,

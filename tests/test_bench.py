@@ -133,7 +133,9 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
   losses = sp["loss_at_first_step"]
   assert losses["first_jax"] == pytest.approx(losses["torch"], rel=1e-4)
   assert sp["train_flops_per_step"] > 0 and sp["mfu"]["torch"] > 0
-  assert set(sp["timings"]) == {"first_jax", "torch"}  # the ce comparison as it was
+  assert set(sp["timings"]) == {"first_jax", "torch", "first_jax_xla_default"}
+  assert losses["first_jax_xla_default"] == pytest.approx(losses["first_jax"], rel=1e-5)
+  assert sp["speedup_from_xla_options"] > 0
   assert sp["kd"]["spec"]["kind"] == "topk_kd" and sp["kd"]["timings"]["first_jax_kd"]["n"] == 1
   assert np.isfinite(sp["kd"]["loss_at_first_step"]) and sp["kd"]["loss_at_first_step"] >= 0
   assert sp["tokens_per_s"]["first_jax_kd"] > 0 and sp["mfu"]["first_jax_kd"] == r["step_kd_mfu"]

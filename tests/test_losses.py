@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from first_jax import losses, temperature, topk
+from first_jax import losses, temperature, topk, xla_options
 from first_jax.errors import UserError
 
 FLOOR = topk.TAIL_FLOOR
@@ -257,11 +257,11 @@ B, L, V, K = 2, 512, 151936, 5
 F32_BLV_QUARTER = B * L * V * 4 // 4  # 155.6 MB
 
 
-def _compiled(fn, dtype, grad=False):
+def _compiled(fn, dtype, grad=False, options=None):
   args = (jax.ShapeDtypeStruct((B, L, V), dtype), jax.ShapeDtypeStruct((B, L, K), jnp.int32),
           jax.ShapeDtypeStruct((B, L, K), jnp.float32), jax.ShapeDtypeStruct((B, L), jnp.float32))
   target = jax.grad(lambda *a: fn(*a)[0]) if grad else fn
-  return jax.jit(target).lower(*args).compile().memory_analysis()
+  return jax.jit(target, compiler_options=options).lower(*args).compile().memory_analysis()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -277,3 +277,12 @@ def test_topk_kd_compiled_temp_memory_is_small(dtype):
     print(f"grad temp {grad.temp_size_in_bytes / 1e6:.2f} MB "
           f"(+ the [B, L, V] gradient itself, {grad.output_size_in_bytes / 1e6:.1f} MB)")
     assert grad.temp_size_in_bytes < F32_BLV_QUARTER
+
+
+def test_topk_kd_gradient_memory_stays_small_under_the_train_steps_cpu_options():
+  """The train step compiles with `xla_options.fused_dots` on CPU: the KD loss's gradient keeps
+  its bound there too (its forward alone would not: a V-wide exp is materialised, which is why
+  forward-only programs do not take the options)."""
+  options = xla_options.fused_dots("cpu")
+  grad = _compiled(losses.topk_kd, jnp.float32, grad=True, options=options)
+  assert grad.temp_size_in_bytes < F32_BLV_QUARTER
