@@ -567,8 +567,6 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
          "timings": t,
          "tokens_per_s": {n: tokens / v["median_s"] for n, v in t.items()},
          "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
-         "speedup_from_xla_options": ratio(t["first_jax_xla_default"]["median_s"],
-                                           t["first_jax"]["median_s"]),
          "forward_flops": flops, "agreement": agree}
   peak = ctx.peak()["peak_flops_per_s"]
   out["mfu"] = {n: flops["total"] / v["median_s"] / peak for n, v in t.items()}
@@ -901,8 +899,9 @@ def section_search(ctx: Context, s: Settings) -> dict[str, Any]:
           "what": {"first_jax": "jax.jit(temperature.search(..., refine=False, grid, "
                                 "tail_logmass_N), compiler_options=xla_options.fused_dots) "
                                 "on device arrays, as calibrate compiles it: every "
-                                "temperature in one lax.scan (ECE + binary NLL + Brier each); compiled in the "
-                                "warm-up call; curve and best t device_get",
+                                "temperature in one lax.scan (ECE + binary NLL + Brier "
+                                "each); compiled in the warm-up call; curve and best t "
+                                "device_get",
                    "numpy": "bench.run.numpy_ece_curve: Python loop over temperatures, NumPy "
                             "over events in a bins-first [k + 1, N] layout (ECE only: "
                             "first_jax's work is a superset)"},
