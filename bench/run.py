@@ -652,17 +652,22 @@ def step_inputs(ctx: Context, s: Settings) -> tuple[dict[str, np.ndarray], dict,
   return batch, opt, step.make_optimizer(total_steps=1_000_000, warmup_ratio=0.0, **opt)
 
 
-def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
+def params_copy(ctx: Context) -> Any:
+  """A copy of the ctx's params in the same layout (a step donates its state)."""
   import jax
   import jax.numpy as jnp
+  return jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params)
+
+
+def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
+  import jax
   import torch
   from bench import baselines_torch
   from first_jax import models, sharding, step
   b, l = s.batch, s.length
   peak = ctx.peak()  # before the big allocations
   batch, opt, tx = step_inputs(ctx, s)
-  # the state is donated: a copy of the ctx's params, in the same layout
-  params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params)
+  params = params_copy(ctx)  # the state is donated
   state, step_fn, how = compile_train_step(ctx.model.module, params, step.LossSpec(kind="ce"),
                                            tx, ctx.mesh, s.seed)
   del params
@@ -693,9 +698,7 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   plain_fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
       ctx.model.module), teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx),
       donate_argnums=0)
-  plain_holder = {"state": step.init_state(
-      jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params), tx,
-      seed=s.seed)}
+  plain_holder = {"state": step.init_state(params_copy(ctx), tx, seed=s.seed)}
 
   def first_jax_xla_default():
     st, metrics = plain_fn(plain_holder["state"], jax.device_put(batch, batch_sh), None)
@@ -749,7 +752,6 @@ def _kd_step(ctx: Context, s: Settings, batch: dict[str, np.ndarray], tx,
   its own after the ce-vs-torch comparison: the teacher's top-k of the batch (first_jax's
   extraction program on the same model) in the batch keys the store fills."""
   import jax
-  import jax.numpy as jnp
   from first_jax import sharding, step
   b, l = batch["input_ids"].shape
   batch_sh = sharding.batch_sharding(ctx.mesh)
@@ -762,7 +764,7 @@ def _kd_step(ctx: Context, s: Settings, batch: dict[str, np.ndarray], tx,
   # as train.parse_variant builds "first" with the default distill config, offline
   spec = step.LossSpec(kind="topk_kd", k=s.k, tail="bucket", direction="forward",
                        temperature_mode="prob_softmax", num_bins=10)
-  params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), ctx.model.params)
+  params = params_copy(ctx)
   state, step_fn, how = compile_train_step(ctx.model.module, params, spec, tx, ctx.mesh, s.seed)
   del params
   holder: dict[str, Any] = {"state": state, "loss": []}
