@@ -1,18 +1,20 @@
 """Text demo: FIRST on instruction data, every response token distilled (data.kind=text).
 
-Teacher: SmolLM2-135M-Instruct (PyPI GGUF) fine-tuned on BIG-bench natural_instructions
-subtask033 (Winogrande answer generation: fill the blank of a sentence with one of its two
-objects, e.g. "movie."), the task definition left out (the inputs carry "Context Word" and
-"Question"). Student: 10 of the PRE-TRAINED teacher's 30 layers. Out-of-domain text: two QASC
-generation subtasks. Beside the text: BIG-bench general_knowledge (70 questions) scored by the
-log-likelihood of each choice's text. Sized for 2 CPU cores (about 15 minutes a seed alone).
-`:seed=N` picks the seed.
+Teacher: SmolLM2-135M-Instruct (PyPI GGUF) fine-tuned on ToMi from OpenAI's evals registry
+(PyPI `evals`, theory_of_mind/tomi: short stories of people moving objects, then "Where will X
+look for the Y?", answered with one location, e.g. "pantry"; prompts of 63 tokens median, 94
+longest). Student: 10 of the PRE-TRAINED teacher's 30 layers. Out-of-domain text: CREPE (how an
+event changes the likelihood of another: "more likely" / "less likely" / "equally likely"; 99
+tokens median, longer prompts cut from the left). Beside the text: SocialIQa's 3-way questions
+from the same registry, scored by the log-likelihood of each choice's text. `:seed=N` picks the
+seed.
+Until 2026-12-06 this demo ran on BIG-bench natural_instructions (docs/results_text.md keeps that
+run); PyPI no longer serves BIG-bench. The evals run has not been made yet.
 """
 from first_jax import config as config_lib
 
-TASK = "natural_instructions/subtask033_winogrande_answer_generation"
-OOD = ("natural_instructions/subtask041_qasc_answer_generation",
-       "natural_instructions/subtask039_qasc_find_overlapping_words")
+TASK = "theory_of_mind/tomi/test.jsonl"
+OOD = ("crepe/samples.jsonl",)
 
 
 def get_config(arg: str = ""):
@@ -22,14 +24,13 @@ def get_config(arg: str = ""):
   c.workdir = f"workdir/text_demo/seed{c.seed}"
   c.tokenizer = "smollm2"
   c.data.kind = "text"
-  c.data.source = "bigbench"
+  c.data.source = "evals"
   c.data.task = TASK
-  c.data.use_task_prefix = False
   c.data.ood_tasks = OOD
   c.data.num_examples = 1300  # train 910 / validation 195 / test 195
   c.data.validation, c.data.test = 0.15, 0.15
   c.data.num_ood_examples = 200
-  c.data.max_len = 64
+  c.data.max_len = 128
   c.teacher.init = "pretrained"
   c.teacher.path = "smollm2"
   c.student.init = "layer_subset"
@@ -42,10 +43,10 @@ def get_config(arg: str = ""):
   c.distill.epochs = 1
   c.distill.batch_size = 16
   c.distill.warmup_ratio = 0.1
-  c.distill.length_buckets = (48, 64)
+  c.distill.length_buckets = (64, 96, 128)
   c.extract.batch_size = 32
   c.evaluate.batch_size = 32
-  c.evaluate.choice_tasks = ("general_knowledge",)
+  c.evaluate.choice_tasks = ("theory_of_mind/socialiqa/test.jsonl",)
   c.evaluate.post_hoc_grid = (0.25, 4.0, 17)
   c.checkpoint.every_steps = 25
   c.students = ("sft", "kd", "first")

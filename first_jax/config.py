@@ -460,9 +460,14 @@ def base() -> ml_collections.ConfigDict:
       # every response token scored (instruction data, generative BIG-bench tasks, or a choice
       # task phrased as text through `answer_template`)
       kind="choice",
-      source="synthetic",  # synthetic | bigbench | hf (HF `datasets`: local file or hub name)
-      task="",  # BIG-bench task name (e.g. multiemo/hotels_sentence_en), a file, a hub name
+      # synthetic | vader (embedded) | evals (PyPI `evals`) | bigbench (a local copy) | hf
+      source="synthetic",
+      # vader: a domain (tweets, movie_reviews, ...); evals: a data file of its registry (e.g.
+      # quartz/samples.jsonl); bigbench: a task name or task.json; hf: a file or a hub name
+      task="",
+      neutral_band=0.5,  # vader: a mean rating within +-this is neutral (also each rater's)
       hf_split="train",  # for source=hf: the split read (our own splits are made from it)
+      hf_name="",  # for source=hf: the dataset's configuration (e.g. a BIG-bench task), "" none
       hf_fields=ml_collections.ConfigDict(dict(input="question", choices="choices",
                                                label="answer")),  # column names, for hf
       # kind=text, source=hf: columns of the prompt, its optional context (joined after a blank
@@ -700,20 +705,33 @@ SCHEMA: dict[str, Key] = {
                      "prompt/response pairs, every response token scored (instruction data, "
                      "generative BIG-bench tasks, or a choice task phrased as text through "
                      "data.answer_template)", _ALL, choices=("choice", "text")),
-    "data.source": Key("where examples come from: synthetic (generated), bigbench (a BIG-bench "
-                       "task) or hf (HF `datasets`: a local file or a hub name)", _ALL,
-                       choices=("synthetic", "bigbench", "hf")),
-    "data.task": Key("the in-domain task: a BIG-bench task name (e.g. "
+    "data.source": Key("where examples come from: synthetic (generated), vader (VADER's "
+                       "human-rated sentiment sentences, embedded in the package), evals (a data "
+                       "file of the PyPI `evals` registry), bigbench (a BIG-bench task from a "
+                       "local copy: $FIRST_JAX_BIGBENCH) or hf (HF `datasets`: a local file or a "
+                       "hub name)", _ALL,
+                       choices=("synthetic", "vader", "evals", "bigbench", "hf")),
+    "data.task": Key("the in-domain task: a VADER domain (tweets, movie_reviews, "
+                     "amazon_reviews, nyt_editorials) for vader; a registry data file (e.g. "
+                     "quartz/samples.jsonl) for evals; a BIG-bench task name (e.g. "
                      "multiemo/hotels_sentence_en) or task.json path for bigbench; a local "
                      ".json/.jsonl/.parquet/.csv file or a hub dataset name for hf", _ALL),
+    "data.neutral_band": Key("source=vader: a sentence whose mean rating (-4..+4) lies within "
+                             "+-this is neutral, below negative, above positive; each rater's "
+                             "rating is classed by the same rule (the human label distribution)",
+                             _ALL, types=(float, int), lo=0),
     "data.hf_split": Key("source=hf: the split read (the run's own train/validation/test "
                          "splits are made from it)", _ALL),
+    "data.hf_name": Key("source=hf: the hub dataset's configuration name (e.g. a task of "
+                        "google/bigbench such as \"general_knowledge\"); \"\" for none",
+                        _ALL),
     "data.hf_fields.input": Key("kind=choice, source=hf: the column of the question", _ALL),
     "data.hf_fields.choices": Key("kind=choice, source=hf: the column of the answer options (a "
                                   "list, or {\"text\": [...]}), or a list of columns, one per "
                                   "choice (CSV)", _ALL, types=(str, list)),
     "data.hf_fields.label": Key("kind=choice, source=hf: the column of the gold answer (an "
-                                "index, a letter, or the text of one choice)", _ALL),
+                                "index, a letter, the text of one choice, or a list of one "
+                                "score per choice: the unique best > 0)", _ALL),
     "data.text_fields.prompt": Key("kind=text, source=hf: the column of the prompt (the "
                                    "defaults read Alpaca-style JSONL as it is)", _ALL),
     "data.text_fields.context": Key("kind=text, source=hf: the column of the prompt's optional "
@@ -851,7 +869,9 @@ SCHEMA: dict[str, Key] = {
     "evaluate.models": Key("extra HF model folders / .gguf files evaluated beside the "
                            "workdir's models", ("evaluate",), item=str,
                            allowed="existing HF model dirs or .gguf files"),
-    "evaluate.choice_tasks": Key("kind=text: BIG-bench multiple-choice tasks also evaluated, "
+    "evaluate.choice_tasks": Key("kind=text: multiple-choice tasks also evaluated (BIG-bench "
+                                 "task.json files or tasks, or with data.source=vader / evals "
+                                 "that source's tasks), "
                                  "each choice scored by the log-likelihood of its text "
                                  "(data.answer_template) after the prompt", ("evaluate",),
                                  item=str, allowed="() for data.kind=choice"),

@@ -173,7 +173,8 @@ def encode_mc(examples: Sequence[MCExample], tok: Any, max_len: int, loss_on: st
               num_choices: int | None = None,
               buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """MCExamples -> input_ids/attention_mask/targets [N, L] int32, loss_mask [N, L] float32,
-  answer_pos [N] int32, choice_ids [N, C] int32 (-1 padded), label [N] int32, example_id [N] int64.
+  answer_pos [N] int32, choice_ids [N, C] int32 (-1 padded), label [N] int32, example_id [N] int64,
+  and human [N, C] float32 (raters' share per choice, NaN without raters) where examples have it.
 
   Sequence = prompt + one answer-letter token, no eos. Too long: the prompt is cut from the LEFT
   (the options and "Answer:" survive), counted and logged; if the prompt built with an empty input
@@ -213,6 +214,11 @@ def encode_mc(examples: Sequence[MCExample], tok: Any, max_len: int, loss_on: st
   out["answer_pos"] = np.asarray([len(p) - 1 for p, _ in seqs], np.int32)
   out["choice_ids"] = choice_NxC
   out["label"] = np.asarray([e.label for e in examples], np.int32)
+  if any(e.human is not None for e in examples):  # raters' shares per choice; NaN: no raters
+    out["human"] = np.full((len(examples), n_c), np.nan, np.float32)
+    for i, e in enumerate(examples):
+      if e.human is not None:
+        out["human"][i, :len(e.human)] = e.human
   return out
 
 
@@ -255,7 +261,10 @@ def example_sha256(examples: Sequence[Example]) -> str:
   """sha256 over the canonical JSON of each example, in order."""
   h = hashlib.sha256()
   for ex in examples:
-    h.update(json.dumps([type(ex).__name__, dataclasses.asdict(ex)], sort_keys=True,
+    fields = dataclasses.asdict(ex)
+    if fields.get("human", ()) is None:  # (examples without raters hash as before the field)
+      del fields["human"]
+    h.update(json.dumps([type(ex).__name__, fields], sort_keys=True,
                         ensure_ascii=False).encode() + b"\n")
   return h.hexdigest()
 

@@ -123,6 +123,50 @@ def metrics(ev: dict[str, np.ndarray], num_bins: tuple[int, ...]) -> dict[str, A
   return out
 
 
+HUMAN = ("human_kl", "human_ece", "human_agreement")
+
+
+def human_metrics(scores: dict, arrays: dict, t: float, num_bins: tuple[int, ...]
+                  ) -> dict[str, float]:
+  """How a model's distribution over the choices (softmax of the choice log-probs at t) stands
+  against the raters', where the data carries one (`human` [N, C], VADER's):
+    human_kl         mean KL(human || model) in nats: 0 when the model's probabilities are the
+                     shares of people who chose each answer
+    human_ece        ECE (equal width, the first bin count) of the model's confidence against
+                     the share of raters who chose the model's prediction (agreement in place
+                     of correctness)
+    human_agreement  the mean of that share (the accuracy counterpart)
+  Rows without raters (NaN) are left out; `human_n` counts the rows used."""
+  h_NxC = np.asarray(arrays["human"], np.float64)
+  keep_N = np.isfinite(h_NxC).all(-1)
+  h_NxC = h_NxC[keep_N]
+  lp_NxC = np.asarray(jax.nn.log_softmax(jnp.asarray(scores["choice_logprobs"]) / t, axis=-1),
+                      np.float64)[keep_N]
+  rated_NxC = h_NxC > 0  # 0 log 0 = 0, whatever the model gives that answer
+  kl_N = (h_NxC * (np.log(np.where(rated_NxC, h_NxC, 1.0))
+                   - np.where(rated_NxC, lp_NxC, 0.0))).sum(-1)
+  pred_N = lp_NxC.argmax(-1)
+  agree_N = h_NxC[np.arange(len(pred_N)), pred_N]
+  conf_N = np.exp(lp_NxC.max(-1))
+  return {"human_n": int(keep_N.sum()), "human_kl": float(kl_N.mean()),
+          "human_ece": float(calibration.ece(jnp.asarray(conf_N, jnp.float32),
+                                             jnp.asarray(agree_N, jnp.float32), num_bins[0])),
+          "human_agreement": float(agree_N.mean())}
+
+
+def human_table(results: dict, sets: list[str]) -> str:
+  """Markdown: the `human_metrics` of each model on each set that has them."""
+  sets = [s for s in sets if any("human_kl" in r.get(s, {}) for r in results.values())]
+  if not sets:
+    return ""
+  head = ["model"] + [f"{s.removeprefix('ood:')} {m}" for s in sets for m in HUMAN]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in results.items():
+    lines.append("| " + " | ".join([name] + [f"{r[s][m]:.4f}" for s in sets for m in HUMAN])
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
 def both_scorings(scores: dict, arrays: dict, scoring: str, nb: tuple[int, ...],
                   t: float = 1.0) -> tuple[dict, dict]:
   """(metrics under `scoring` + the other scoring's summary, that scoring's events)."""
@@ -320,6 +364,8 @@ class _Choice:
 
   def result(self, scored: dict, s: str, t: float, post_hoc: bool) -> tuple[dict, dict]:
     out, ev = both_scorings(scored[s], self.sets[s], self.scoring, self.nb, t)
+    if "human" in self.sets[s]:  # raters' label distributions (VADER)
+      out.update(human_metrics(scored[s], self.sets[s], t, self.nb))
     if post_hoc:
       out["temperature"] = t
     return out, _compact(ev)
@@ -418,6 +464,10 @@ def run(cfg) -> dict:
              {r: round(val_nll[r], 4) for r in sft_runs})
   ood = [s for s in kind.sets if s.startswith("ood:")]
   md = table(results, "in_domain", ood)
+  humans = human_table(results, ["in_domain", *ood])
+  if humans:
+    md += ("\nAgainst the human raters (choice probabilities vs the share of raters choosing "
+           "each answer; KL in nats, ECE of confidence against agreement)\n\n" + humans)
   for s in (s for s in kind.sets if s.startswith("choice:")):
     md += (f"\n{s} (log-likelihood of each choice's text)\n\n"
            + table(results, s, [], label=s.partition(":")[2]))

@@ -1,8 +1,10 @@
 """Example sources: task files, datasets and toy tasks -> `MCExample` / `TextExample` lists.
 
-Owns the example types and their loaders. Choice examples (`MCExample`): `load_bigbench`
-(BIG-bench task.json), `load_hf` (a `datasets` dataset or a local json/jsonl/parquet/csv file)
-and `synthetic_mcqa` (a learnable toy task). Prompt/response examples (`TextExample`):
+Owns the example types and their loaders. Choice examples (`MCExample`): `load_vader` (VADER's
+human-rated sentiment sentences, with each sentence's human label distribution), `load_evals`
+(a multiple-choice file of OpenAI's evals registry), `load_bigbench` (BIG-bench task.json),
+`load_hf` (a `datasets` dataset or a local json/jsonl/parquet/csv file) and `synthetic_mcqa` (a
+learnable toy task). Prompt/response examples (`TextExample`):
 `load_bigbench_text` (generative targets, or a multiple-choice gold answer phrased through a
 template) and `load_hf_text` (prompt [+ context] / response columns; Alpaca JSON(L) works as a
 local file). The text loaders' bad records (missing, empty or non-string prompt or response)
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
+import html
 import json
 import logging
 import os
+import re
 import string
+import tarfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +40,8 @@ class MCExample:
   choices: list[str]
   label: int
   source: str = ""
+  # the share of human raters who chose each choice (sums to 1), where a source has raters
+  human: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +203,184 @@ def load_bigbench_text(task_json_path: str | os.PathLike, answer_template: str =
   return out
 
 
+# VADER (Hutto & Gilbert 2014): four domains of sentences, each rated -4..+4 by ~20 people.
+VADER_DOMAINS = {"tweets": "tweets", "movie_reviews": "movieReviewSnippets",
+                 "amazon_reviews": "amazonReviewSnippets", "nyt_editorials": "nytEditorialSnippets"}
+VADER_CHOICES = ("negative", "neutral", "positive")
+VADER_QUESTION = "Text: {text}\nWhat is the sentiment of this text?"
+
+
+@functools.lru_cache(maxsize=4)
+def _vader_files(archive: str) -> dict[str, str]:
+  """{member basename: its UTF-8 text (a leading byte-order mark dropped)} of a VADER archive."""
+  try:
+    with tarfile.open(archive) as tf:
+      return {os.path.basename(m.name): tf.extractfile(m).read().decode("utf-8-sig")
+              for m in tf.getmembers()
+              if m.isfile() and m.name.endswith(("_GroundTruth.txt", "_anonDataRatings.txt"))}
+  except (OSError, tarfile.TarError, UnicodeDecodeError) as e:
+    raise UserError(f"{archive}: expected VADER's data archive ({type(e).__name__}: {e})"
+                    ) from None
+
+
+def _vader_rows(text: str, where: str, fields: int) -> dict[str, list[str]]:
+  rows = {}
+  for n, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      cols = line.rstrip("\n").split("\t")
+      if len(cols) < fields:
+        raise UserError(f"{where}: line {n}: expected {fields} tab-separated fields, got "
+                        f"{len(cols)}")
+      rows[cols[0].strip()] = cols
+  return rows
+
+
+def vader_class(valence: float | np.ndarray, neutral_band: float) -> np.ndarray:
+  """-4..+4 valence -> 0 negative (< -band), 1 neutral (within the band), 2 positive (> band)."""
+  v = np.asarray(valence, np.float64)
+  return np.where(v < -neutral_band, 0, np.where(v > neutral_band, 2, 1))
+
+
+def load_vader(domain: str, neutral_band: float = 0.5,
+               archive: str | os.PathLike | None = None) -> list[MCExample]:
+  """One VADER domain -> 3-way MCExamples (negative / neutral / positive), in the file's order.
+
+  The label is `vader_class` of the sentence's mean rating (its GroundTruth file); `human` is
+  the share of its raters (anonDataRatings, joined by id) whose own rating falls in each class
+  under the same rule. The question is VADER_QUESTION with HTML entities of the text unescaped
+  (the tweets' "&amp;"). `archive`: a tar of the data files, by default the copy embedded in
+  the package (first_jax/embedded/README.md: source, licence, checksums).
+  """
+  if domain not in VADER_DOMAINS:
+    raise UserError(f"data.task {domain!r}: expected a VADER domain, one of "
+                    f"{sorted(VADER_DOMAINS)}")
+  if not neutral_band >= 0:
+    raise UserError(f"data.neutral_band: expected >= 0, got {neutral_band}")
+  if archive is None:
+    from first_jax import embedded  # the package's own copy
+    archive = embedded.VADER
+  files = _vader_files(os.fspath(archive))
+  name = VADER_DOMAINS[domain]
+  texts = {}
+  for kind in ("GroundTruth", "anonDataRatings"):
+    member = f"{name}_{kind}.txt"
+    if member not in files:
+      raise UserError(f"{archive}: has no {member}")
+    texts[kind] = _vader_rows(files[member], f"{archive}:{member}", 3 if kind[0] == "G" else 4)
+  out = []
+  for key, (_, mean, sentence, *_) in texts["GroundTruth"].items():
+    rated = texts["anonDataRatings"].get(key)
+    if rated is None:
+      raise UserError(f"{archive}:{name}_anonDataRatings.txt: no ratings for id {key!r}")
+    try:
+      valence = float(mean)
+      ratings = json.loads(rated[3])
+      votes = np.bincount(vader_class(ratings, neutral_band), minlength=3)
+      if not votes.sum():
+        raise ValueError("no ratings")
+    except (ValueError, TypeError) as e:
+      raise UserError(f"{archive}:{name}: id {key!r}: expected a number and a list of "
+                      f"ratings ({e})") from None
+    out.append(MCExample(VADER_QUESTION.format(text=html.unescape(sentence.strip())),
+                         list(VADER_CHOICES), int(vader_class(valence, neutral_band)),
+                         f"vader/{domain}", tuple(float(x) for x in votes / votes.sum())))
+  return out
+
+
+# OpenAI's evals registry (PyPI `evals`): JSON lines {"input": [chat messages], "ideal": answer}.
+# Multiple-choice questions list their options at the end of the last message, on lines
+# ("...\n\n A: more\n B: less") or inline ("... A: x; B: y; C: z.").
+_OPTION = re.compile(r"(?:^|(?<=\s))([A-Z])[:)]\s+")
+
+
+def _read_evals(path: str | os.PathLike, bad: "_BadRecords"
+                ) -> tuple[list[tuple[int, list, str]], int]:
+  """-> ([(line number, messages, ideal answer)], number of records) of an evals JSON-lines
+  file; bad lines go to `bad`. Lines without "input" (the few-shot files' "sample" lines) are
+  bad too."""
+  path = os.fspath(path)
+  out = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = list(f)
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: expected a readable evals JSON-lines file ({e})") from None
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except ValueError as e:
+      bad(f"line {n}: not JSON ({e})")
+      continue
+    msgs = rec.get("input") if isinstance(rec, dict) else None
+    ideal = rec.get("ideal") if isinstance(rec, dict) else None
+    ideal = ideal[0] if isinstance(ideal, list) and ideal else ideal
+    if (not isinstance(msgs, list) or not msgs
+        or not all(isinstance(m, dict) and _text(m.get("content")) for m in msgs)):
+      bad(f"line {n}: field 'input': expected a list of chat messages with text 'content'")
+      continue
+    if _text(ideal) is None:
+      bad(_expected(f"line {n}: field", "ideal", ideal))
+      continue
+    out.append((n, msgs, str(ideal).strip()))
+  if not out and not bad.count:
+    raise UserError(f"{path}: no records (expected JSON lines with 'input' and 'ideal')")
+  return out, sum(1 for line in lines if line.strip())
+
+
+def _split_options(text: str) -> tuple[str, list[str]] | None:
+  """"question A: x; B: y" -> ("question", ["x", "y"]): the last run of options A, B, ... at
+  the end of `text` (at least two), each stripped of its trailing ";", "," or "."."""
+  marks = list(_OPTION.finditer(text))
+  for start in (i for i, m in enumerate(marks) if m.group(1) == "A"):
+    run = [marks[start]]
+    for m in marks[start + 1:]:
+      if ord(m.group(1)) == ord(run[-1].group(1)) + 1:
+        run.append(m)
+    if len(run) < 2 or len(run) != len(marks) - start:
+      continue  # an "A:" inside the question, or letters out of order: try the next "A:"
+    ends = [m.start() for m in run[1:]] + [len(text)]
+    choices = [text[m.end():e].strip().rstrip(";,.").strip() for m, e in zip(run, ends)]
+    if all(choices):
+      return text[:run[0].start()].strip(), choices
+  return None
+
+
+def load_evals(path: str | os.PathLike, on_bad: str = "error") -> list[MCExample]:
+  """An evals multiple-choice file -> MCExamples: the last message's question and options
+  (`_split_options`), the gold choice the `ideal` letter. Earlier messages (the system's "answer
+  with the letter" instruction) are dropped: the run's own template asks the question."""
+  bad = _BadRecords(os.fspath(path), on_bad)
+  name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  out = []
+  records, total = _read_evals(path, bad)
+  for n, msgs, ideal in records:
+    split = _split_options(str(msgs[-1]["content"]))
+    if split is None:
+      bad(f"line {n}: expected options 'A: ...', 'B: ...' at the end of the last message")
+      continue
+    question, choices = split
+    if len(ideal) != 1 or not "A" <= ideal <= LETTERS[len(choices) - 1]:
+      bad(f"line {n}: field 'ideal': expected one of the letters A..{LETTERS[len(choices) - 1]}, "
+          f"got {ideal!r}")
+      continue
+    out.append(MCExample(question, choices, LETTERS.index(ideal), name))
+  bad.log(total)
+  return out
+
+
+def load_evals_text(path: str | os.PathLike, on_bad: str = "error") -> list[TextExample]:
+  """An evals file -> TextExamples: the prompt is every message's content, joined by blank
+  lines (system instruction first); the response is `ideal` (its first entry if a list)."""
+  bad = _BadRecords(os.fspath(path), on_bad)
+  records, total = _read_evals(path, bad)
+  out = [TextExample("\n\n".join(str(m["content"]).strip() for m in msgs), ideal)
+         for _, msgs, ideal in records]
+  bad.log(total)
+  return out
+
+
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -268,7 +454,18 @@ def _check_text_file(path: str, builder: str) -> None:
 
 
 def _parse_label(value: Any, choices: Sequence[str], letters: str) -> int:
-  """int (or digit string) -> index; one letter of `letters` -> its index; else a choice's text."""
+  """int (or digit string) -> index; one letter of `letters` -> its index; a list of one score
+  per choice (BIG-bench's multiple_choice_scores) -> the unique best score > 0; else a choice's
+  text."""
+  if isinstance(value, (list, tuple)) and len(value) == len(choices) and len(value) >= 2:
+    try:
+      scores = [float(v) for v in value]
+    except (TypeError, ValueError):
+      raise ValueError(f"label {value!r}: expected one number per choice") from None
+    best = max(scores)
+    if best <= 0 or scores.count(best) != 1:
+      raise ValueError(f"label scores {value!r}: expected exactly one best score > 0")
+    return scores.index(best)
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     idx = int(value)
   elif isinstance(value, str) and value.strip().isdigit():
@@ -291,9 +488,12 @@ def load_hf(path_or_name: str, split: str, fields: Mapping[str, Any],
   """A `datasets` dataset -> MCExamples via `fields` = {input: col, choices: col, label: col}.
 
   `path_or_name`: "json" / "parquet" / "csv" with local `data_files`, a local data file, or a hub
-  name. `choices` is a list column, a {"text": [...]} column, or a list of columns (one per
-  choice). Label rule: an int (or digit string) is an index; a single letter of `letters` is a
-  letter; any other string must equal one choice's text.
+  name (`name`: its configuration, e.g. a BIG-bench task of "google/bigbench"). `choices` is a
+  list column, a {"text": [...]} column, or a list of columns (one per choice). Label rule: an
+  int (or digit string) is an index; a single letter of `letters` is a letter; a list of scores,
+  one per choice, picks the unique best > 0 (BIG-bench on the hub: fields input="inputs",
+  choices="multiple_choice_targets", label="multiple_choice_scores"); any other string must
+  equal one choice's text.
   """
   missing = {"input", "choices", "label"} - set(fields)
   if missing:

@@ -53,7 +53,7 @@ def fingerprint(*blocks: Any) -> str:
 # keys added after the first finished runs: hashed only when set away from their default, so
 # that adding them did not invalidate those runs
 _LATER_KEYS = {"data": ("kind", "text_fields", "answer_template", "on_bad_example",
-                        "use_task_prefix"),
+                        "use_task_prefix", "neutral_band", "hf_name"),
                "finetune": ("length_buckets",)}
 
 
@@ -265,29 +265,42 @@ def answer_only(cfg: ml_collections.ConfigDict) -> bool:
   return cfg.data.kind == "choice" and cfg.data.loss_on == "response"
 
 
-def _load_examples(cfg: ml_collections.ConfigDict, task: str) -> list:
+def _load_examples(cfg: ml_collections.ConfigDict, task: str, kind: str = "") -> list:
+  """`task`'s examples from `data.source`, as `kind` (default `data.kind`) asks: choice
+  (`MCExample`) or text (`TextExample`; a choice source's example answered through
+  `data.answer_template`)."""
   d = cfg.data
+  kind = kind or d.kind
   if d.source == "synthetic":
     mcs = sources.synthetic_mcqa(d.synthetic_size, seed=cfg.seed, kind=d.synthetic_kind)
-    if d.kind == "text":  # the options go into the prompt (the toy questions do not name them)
+    if kind == "text":  # the options go into the prompt (the toy questions do not name them)
       return [data.mc_as_text(dataclasses.replace(e, input=f"{e.input}\nOptions: "
                                                   f"{', '.join(e.choices)}"), d.answer_template)
               for e in mcs]
     return mcs
+  if d.source == "vader":
+    mcs = sources.load_vader(task, neutral_band=d.neutral_band)
+    return [data.mc_as_text(e, d.answer_template) for e in mcs] if kind == "text" else mcs
+  if d.source == "evals":
+    path = task if os.path.isfile(task) else str(assets.evals_file(task))
+    if kind == "text":
+      return sources.load_evals_text(path, on_bad=d.on_bad_example)
+    return sources.load_evals(path, on_bad=d.on_bad_example)
   if d.source == "bigbench":
     path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
-    if d.kind == "text":
+    if kind == "text":
       return sources.load_bigbench_text(path, answer_template=d.answer_template,
                                         use_task_prefix=d.use_task_prefix,
                                         on_bad=d.on_bad_example)
     return sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None,
                                  use_task_prefix=d.use_task_prefix)
   if d.source == "hf":
-    if d.kind == "text":
+    if kind == "text":
       return sources.load_hf_text(task, d.hf_split, d.text_fields.to_dict(),
-                                  on_bad=d.on_bad_example)
-    return sources.load_hf(task, d.hf_split, d.hf_fields.to_dict())
-  raise UserError(f"config.data.source: expected synthetic, bigbench or hf, got {d.source!r}")
+                                  name=d.hf_name or None, on_bad=d.on_bad_example)
+    return sources.load_hf(task, d.hf_split, d.hf_fields.to_dict(), name=d.hf_name or None)
+  raise UserError(f"config.data.source: expected synthetic, vader, evals, bigbench or hf, got "
+                  f"{d.source!r}")
 
 
 def _subsample(examples: list, n: int, seed: int) -> list:
@@ -370,15 +383,19 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
 
 
 def load_choice_tasks(cfg: ml_collections.ConfigDict, tok) -> dict[str, dict[str, np.ndarray]]:
-  """`evaluate.choice_tasks` (BIG-bench multiple choice) as text rows, one per (example,
+  """`evaluate.choice_tasks` (BIG-bench task.json files, or multiple-choice tasks of
+  data.source vader / evals) as text rows, one per (example,
   choice), for log-likelihood scoring: the encoded rows plus `group` [R] (the row's example)
   and `label` [N]."""
   d, out = cfg.data, {}
   for task in cfg.evaluate.choice_tasks:
-    path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
-    exs = _subsample(sources.load_bigbench(
-        path, shuffle_choices_seed=cfg.seed if d.shuffle_choices else None,
-        use_task_prefix=d.use_task_prefix), d.num_ood_examples, cfg.seed)
+    if d.source in ("vader", "evals") and not task.endswith(".json"):
+      exs = _load_examples(cfg, task, kind="choice")  # a task of the run's own source
+    else:  # a BIG-bench task.json, or a task of a BIG-bench copy
+      path = task if task.endswith(".json") else str(assets.bigbench_task_json(task))
+      exs = sources.load_bigbench(path, shuffle_choices_seed=cfg.seed if d.shuffle_choices
+                                  else None, use_task_prefix=d.use_task_prefix)
+    exs = _subsample(exs, d.num_ood_examples, cfg.seed)
     rows, group_R = data.choice_rows(exs, d.answer_template)
     arrays = data.encode_text(rows, tok, d.max_len, use_chat_template=d.use_chat_template,
                               add_eos=False)

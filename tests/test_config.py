@@ -129,8 +129,14 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   assert workspace.teacher_fingerprint(demo) != workspace.teacher_fingerprint(full)  # OOD sizes
   for cfg in (demo, full, long):
     train.run_checks(cfg)  # every student name parses
-  # the teacher's and the students' batches cut to length buckets (36% of the columns padding)
-  assert demo.finetune.length_buckets == demo.distill.length_buckets == (64, 80, 96)
+  # the teacher's and the students' batches cut to length buckets
+  assert demo.finetune.length_buckets == demo.distill.length_buckets == (56, 72, 96)
+  # the README job reads the embedded VADER data; the first study's configs keep multiemo
+  assert (demo.data.source, demo.data.task) == ("vader", "tweets")
+  multiemo = config_lib.load(["--config", path("multiemo") + ":seed=1"])
+  for cfg in (full, long, multiemo):
+    assert (cfg.data.source, cfg.data.task) == ("bigbench", "multiemo/hotels_sentence_en")
+  assert multiemo.finetune.length_buckets == (64, 80, 96)
 
 
 def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
