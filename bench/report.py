@@ -609,6 +609,32 @@ def choice_table(seeds: list[dict], rows: list[str]) -> str | None:
       "estimates)."
 
 
+def human_table(seeds: list[dict], rows: list[str]) -> str | None:
+  """Where the data has raters' label distributions (VADER): each row's distance from them
+  (first_jax.evaluate.human_metrics), in-domain and the mean over out-of-domain sets, mean over
+  seeds (point estimates from each seed's results.json)."""
+  def cell(r, m, sets):
+    v = [np.mean([s["results"][r][t][m] for t in sets(s)]) for s in seeds
+         if r in s["results"] and sets(s)
+         and all(m in s["results"][r].get(t, {}) for t in sets(s))]
+    return _f(_mean(v)) if v else "-"
+  in_d = lambda s: ["in_domain"]  # noqa: E731
+  ood = lambda s: [t for t in s["results"][next(iter(s["results"]))] if t.startswith("ood:")]  # noqa: E731
+  if not any("human_kl" in r.get("in_domain", {}) for s in seeds for r in s["results"].values()):
+    return None
+  metrics = ("human_kl", "human_ece", "human_agreement")
+  lines = ["| row | " + " | ".join(f"ID {m}" for m in metrics) + " | "
+           + " | ".join(f"OOD {m}" for m in metrics) + " |", "|---|" + "---|" * 6]
+  for r in rows:
+    lines.append(f"| {r} | " + " | ".join(cell(r, m, in_d) for m in metrics) + " | "
+                 + " | ".join(cell(r, m, ood) for m in metrics) + " |")
+  return "\n".join(lines) + (
+      "\n\nhuman_kl: mean KL(raters' shares || the model's softmax over the choices), nats; "
+      "human_ece: ECE (10 equal-width bins) of the model's confidence against the share of "
+      "raters who chose its prediction; human_agreement: the mean of that share. Point "
+      "estimates, mean over seeds.")
+
+
 def timings_table(seeds: list[dict]) -> str:
   stages = []
   for s in seeds:
@@ -630,8 +656,14 @@ def render(summary: dict, seeds: list[dict], title: str, name: str, out: str,
   unit = "response tokens" if scoring == "tokens" else "questions"
   ood = ", ".join(f"{t} {k}" for t, k in n["ood_per_task"].items()) or "none"
   B = summary["bootstrap"]
+  provenance = os.path.join(out, f"{name}_provenance.md")
+  note = []
+  if os.path.exists(provenance):  # where the data came from, when it matters (kept on rebuild)
+    with open(provenance) as f:
+      note = [f.read().rstrip(), ""]
+  human = human_table(seeds, rows)
   lines = [
-      f"# Results: {title}", "",
+      f"# Results: {title}", "", *note,
       f"Config `{summary['config']}`; {len(seeds)} student seed(s): "
       f"{', '.join(summary['seeds'])}. Sizes: {n['val']} validation {unit} (teacher "
       f"calibration), {n['test']} in-domain test {unit}, out-of-domain {ood}. Scoring "
@@ -664,6 +696,7 @@ def render(summary: dict, seeds: list[dict], title: str, name: str, out: str,
       "(mean over seeds):", "", topk_table(seeds), "",
       *(["## Choice tasks beside the text data", "", choice_table(seeds, rows), ""]
         if choice_table(seeds, rows) else []),
+      *(["## Against the human raters", "", human, ""] if human else []),
       "## Store and wall-clock", "", store_table(seeds), "", timings_table(seeds), "",
       "## Figures (first seed)", ""]
   figs = [f for f in FIGURES
