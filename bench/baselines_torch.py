@@ -1,7 +1,9 @@
 """What a user would run instead of first_jax: PyTorch / transformers baselines for bench/run.py.
 
-Written to be fair to the baseline: batched, `torch.no_grad()` for forward-only work, float32
-throughout (the same dtype first_jax computes in), threads set by the caller to the core count.
+Written to be fair to the baseline: batched, `torch.no_grad()` for forward-only work, threads set
+by the caller to the core count, at the precision first_jax computes in: float32 throughout, or
+with `dtype="bfloat16"` float32 weights run under `torch.autocast("cpu", torch.bfloat16)` (the
+mixed precision a PyTorch user runs; losses and log-softmax in float32).
 Nothing here is imported by the first_jax package.
 
 - `load_causal_lm(hf_dir)`: transformers' AutoModelForCausalLM from first_jax's own HF export.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -50,14 +53,23 @@ def logits(model, ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> np.ndarray:
   return out.float().numpy()
 
 
-def extract(model, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+def autocast(dtype: str = "float32"):
+  """`torch.autocast` on the CPU for dtype "bfloat16"; a no-op context for "float32"."""
+  if dtype == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast("cpu", dtype=getattr(torch, dtype))
+
+
+def extract(model, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, k: int,
+            dtype: str = "float32") -> dict[str, np.ndarray]:
   """The extraction a user writes with transformers: forward, full log_softmax, batched top-k.
 
   Returns numpy {logprobs [B, L, K], ids [B, L, K], tail [B, L]} (tail = log of the mass outside
   the top-k, as first_jax's store keeps).
   """
   with torch.no_grad():
-    out = model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
+    with autocast(dtype):
+      out = model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
     lp = torch.log_softmax(out.float(), dim=-1)
     vals, ids = torch.topk(lp, k, dim=-1)
     kept = vals.exp().sum(-1).clamp(max=1.0 - 1e-7)
@@ -108,8 +120,9 @@ class TrainStep:
   """
 
   def __init__(self, model, *, lr: float, weight_decay: float, b1: float, b2: float, eps: float,
-               clip_norm: float):
+               clip_norm: float, dtype: str = "float32"):
     self.model = model.train()
+    self.dtype = dtype
     self.clip_norm = clip_norm
     self.params: Sequence[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
     self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(b1, b2), eps=eps,
@@ -118,7 +131,8 @@ class TrainStep:
   def __call__(self, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, targets_BxL: torch.Tensor,
                loss_mask_BxL: torch.Tensor) -> float:
     self.opt.zero_grad(set_to_none=True)
-    out = self.model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
+    with autocast(self.dtype):  # the forward; the loss in float32, backward outside
+      out = self.model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
     per_token = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), targets_BxL.reshape(-1),
                                 reduction="none")
     w = loss_mask_BxL.reshape(-1)
@@ -129,11 +143,11 @@ class TrainStep:
     return float(loss.detach())
 
 
-def matmul(n: int, seed: int = 0):
-  """A closure timing one f32 [n, n] @ [n, n] with torch.mm (2 n^3 FLOPs)."""
+def matmul(n: int, seed: int = 0, dtype: str = "float32"):
+  """A closure timing one [n, n] @ [n, n] with torch.mm in `dtype` (2 n^3 FLOPs)."""
   g = torch.Generator().manual_seed(seed)
-  a = torch.randn(n, n, generator=g, dtype=torch.float32)
-  b = torch.randn(n, n, generator=g, dtype=torch.float32)
+  a = torch.randn(n, n, generator=g, dtype=torch.float32).to(getattr(torch, dtype))
+  b = torch.randn(n, n, generator=g, dtype=torch.float32).to(getattr(torch, dtype))
 
   def run():
     with torch.no_grad():

@@ -117,6 +117,7 @@ class Settings:
   search_mode: str = "prob_softmax"  # temperature mode searched (calibrate.mode's default)
   model: str = "smollm2"  # asset name, HF folder or .gguf
   text: str = "botchan"  # botchan | embedded | random
+  dtype: str = "float32"  # compute dtype of first_jax (params stay float32) and of PyTorch
   k: int = 5
   mass_k: int = 20  # the mass share is reported for k = 1, 5, 10, mass_k
   lr: float = 1e-5
@@ -338,12 +339,13 @@ class Context:
 
   @property
   def model(self):
-    """first_jax's Model (float32, scanned layers), placed on the one-device mesh."""
+    """first_jax's Model (float32 params computing in `s.dtype`, scanned layers), placed on
+    the one-device mesh."""
     from first_jax import models
 
     def build():
-      log(f"loading {self.s.model} into first_jax")
-      return models.load_pretrained(self.source_path(), dtype="float32", mesh=self.mesh)
+      log(f"loading {self.s.model} into first_jax (compute dtype {self.s.dtype})")
+      return models.load_pretrained(self.source_path(), dtype=self.s.dtype, mesh=self.mesh)
     return self._once("load_first_jax", build)
 
   @property
@@ -402,23 +404,24 @@ class Context:
     return t[idx]
 
   def peak(self) -> dict[str, Any]:
-    """The f32 matmul rate of this machine, measured with jnp.dot and torch.mm, interleaved."""
+    """The matmul rate of this machine at `s.dtype`, measured with jnp.dot (bfloat16 operands
+    accumulating in float32, as the model's matmuls) and torch.mm, interleaved."""
     def build():
       import jax
       import jax.numpy as jnp
       from bench import baselines_torch
-      n = self.s.peak_n
-      log(f"matmul peak: f32 [{n}, {n}] @ [{n}, {n}]")
+      n, dt = self.s.peak_n, jnp.dtype(self.s.dtype)
+      log(f"matmul peak: {dt} [{n}, {n}] @ [{n}, {n}]")
       ka, kb = jax.random.split(jax.random.key(self.s.seed))
-      a = jax.random.normal(ka, (n, n), jnp.float32)
-      b = jax.random.normal(kb, (n, n), jnp.float32)
-      dot = jax.jit(jnp.dot)
+      a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+      b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+      dot = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
       fns = {"jax": lambda: dot(a, b).block_until_ready(),
-             "torch": baselines_torch.matmul(n, self.s.seed)}
+             "torch": baselines_torch.matmul(n, self.s.seed, self.s.dtype)}
       t = interleaved(fns, max(1, self.s.warmup), max(3, self.s.reps))
       flops = 2.0 * n ** 3
       rate = {k: flops / v["median_s"] for k, v in t.items()}
-      return {"n": n, "flops": flops, "timings": t,
+      return {"n": n, "dtype": str(dt), "flops": flops, "timings": t,
               "flops_per_s": {k: float(v) for k, v in rate.items()},
               "peak_flops_per_s": float(max(rate.values())),
               "peak_is": "the faster of jnp.dot and torch.mm (median)"}
@@ -545,7 +548,7 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
     return jax.device_get(fn(params, dev))
 
   def torch_fn():
-    return baselines_torch.extract(tmodel, ids_t, mask_t, k)
+    return baselines_torch.extract(tmodel, ids_t, mask_t, k, s.dtype)
 
   log(f"extraction: [{b}, {l}], warmup {s.warmup}, reps {s.reps}")
   t = interleaved({"first_jax": first_jax, "torch": torch_fn}, s.warmup, s.reps)
@@ -684,7 +687,7 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
 
   # PyTorch: its own copy of the same export (the step changes the weights)
   tmodel = baselines_torch.load_causal_lm(ctx.hf_dir, train=True)
-  tstep = baselines_torch.TrainStep(tmodel, **opt)
+  tstep = baselines_torch.TrainStep(tmodel, **opt, dtype=s.dtype)
   tb = {k: torch.from_numpy(v.astype(np.float32 if k == "loss_mask" else np.int64))
         for k, v in batch.items()}
   tloss: list[float] = []
@@ -1094,7 +1097,8 @@ def run(s: Settings, only: tuple[str, ...] = SECTIONS,
   result: dict[str, Any] = {
       "benchmark": "first_jax vs PyTorch/transformers and the FIRST reference code (issue 11)",
       "command": " ".join(["python", "-m", "bench.run", *argv]),
-      "settings": dataclasses.asdict(s), "sections_run": list(only), "meta": environment()}
+      "dtype": s.dtype, "settings": dataclasses.asdict(s), "sections_run": list(only),
+      "meta": environment()}
   ctx = Context(s)
   try:
     result["meta"]["torch_threads"] = ctx.cores
@@ -1165,6 +1169,9 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str
   ap.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
   ap.add_argument("--model", help="teacher: asset name (smollm2), HF folder or .gguf")
   ap.add_argument("--text", choices=("botchan", "embedded", "random"))
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                  help="compute precision of first_jax (params float32) and of the PyTorch "
+                       "baselines (bfloat16: torch.autocast); default float32")
   for name in INT_OPTIONS:
     ap.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
                     help="override the mode's value")
@@ -1179,6 +1186,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, tuple[str, ...], str
     values["model"] = a.model
   if a.text:
     values["text"] = a.text
+  if a.dtype:
+    values["dtype"] = a.dtype
   if a.no_loss_rss:
     values["loss_rss"] = False
   s = Settings(mode=a.mode, **values)

@@ -403,6 +403,7 @@ def check(names: Iterable[str], cache_dir: str | os.PathLike | None = None,
           raise UserError(f"the embedded copy's {differs} differs from the registry's")
       size = _asset_size(name, cache_dir, main)
       where = f" (local copy ${asset.local_env})" if local else ""
+      where += " (the embedded copy equals it)" if name == "vader" else ""
       out(f"ok      {name:15s} {source:45s} {size:>9s}{where}{who}")
     except UserError as e:
       if asset.vanished and not local:

@@ -60,18 +60,36 @@ class LossSpec:
   answer_only: bool = False
 
 
+def float32_moments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` run on float32 views of the params and updates, so its state (AdamW's moments, the
+  clipping norm) is float32 whatever the param dtype; each update is returned in its param's
+  dtype. With float32 params every cast is the identity."""
+  def f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def init(params):
+    return inner.init(f32(params))
+
+  def update(updates, state, params=None):
+    out, state = inner.update(f32(updates), state, None if params is None else f32(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_decay: float,
                    clip_norm: float, b1: float, b2: float, eps: float,
                    grad_accum: int = 1) -> optax.GradientTransformation:
   """AdamW, linear warmup + cosine decay, global-norm clipping, optional accumulation; updates
-  with a non-finite gradient are skipped."""
+  with a non-finite gradient are skipped; moments in float32 (`float32_moments`)."""
   updates = max(1, total_steps // max(1, grad_accum))
   warmup = int(round(warmup_ratio * updates))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
       decay_steps=max(updates, warmup + 1), end_value=0.0)
-  tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                   optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  tx = float32_moments(optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)))
   # A non-finite gradient skips the update (params and moments unchanged); the trainer counts
   # them and stops a run that keeps producing them, so optax never applies one.
   tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)

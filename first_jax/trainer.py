@@ -199,14 +199,22 @@ def jit_step(module, spec, tx, mesh, batch_sharding, state_sh: step_lib.TrainSta
   """The jitted step with explicit layouts: the state keeps its shardings `state_sh` step after
   step (donated, updated in place), every batch entry is split over (data, fsdp) on its leading
   axis, the teacher (never donated) keeps its own `teacher_sh`, metrics come back replicated.
-  On CPU, compiled with YNNPACK's fused matmuls (`xla_options.fused_dots`)."""
+  On CPU, a float32 step compiles with YNNPACK's fused matmuls (`xla_options.fused_dots`); a
+  step whose student or teacher computes in bfloat16 keeps XLA's defaults."""
   return jax.jit(functools.partial(
       step_lib.train_step, student_apply=models.apply_fn(module),
       teacher_apply=models.apply_fn(teacher_module) if teacher_module is not None else None,
       spec=spec, tx=tx, mesh=mesh),
       in_shardings=(state_sh, batch_sharding, teacher_sh),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=xla_options.fused_dots(mesh.devices.flat[0].platform))
+      compiler_options=xla_options.fused_dots(mesh.devices.flat[0].platform,
+                                              _compute_dtype(module, teacher_module)))
+
+
+def _compute_dtype(*modules) -> str:
+  """"float32" when every given model computes in float32, else the first other dtype."""
+  dtypes = [str(jax.numpy.dtype(m.config.dtype)) for m in modules if m is not None]
+  return next((d for d in dtypes if d != "float32"), "float32")
 
 
 def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, seed: int,

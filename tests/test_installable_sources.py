@@ -223,3 +223,23 @@ def test_pipeline_on_vader_reports_the_human_metrics(tmp_path):
   assert results["sft"]["in_domain"]["human_kl"] != results["first"]["in_domain"]["human_kl"]
   md = (wd / "eval" / "results.md").read_text()
   assert "Against the human raters" in md and "nyt_editorials human_kl" in md
+
+
+@pytest.mark.parametrize("config", ["multiemo.py", "trust.py", "demo_full.py", "demo_long.py"])
+def test_configs_on_bigbench_stop_in_one_line_without_a_copy(tmp_path, monkeypatch, capsys,
+                                                             config):
+  """A fresh machine (empty cache, the registry without BIG-bench 1.0.0: pip finds nothing):
+  the first study's configs exit 2 before writing anything, with one line naming the asset and
+  how to supply it."""
+  import os
+  from first_jax import cli, pipeline
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.delenv("FIRST_JAX_BIGBENCH", raising=False)
+  monkeypatch.setenv("FIRST_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("FIRST_JAX_PIP_ARGS", f"--no-index --find-links {tmp_path}")
+  code = cli.stage_main(pipeline.run, ["--config", os.path.join(root, "configs", config),
+                                       f"--config.workdir={tmp_path}/wd"])
+  errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert code == 2 and len(errors) == 1, errors
+  assert "asset bigbench" in errors[0] and "FIRST_JAX_BIGBENCH" in errors[0]
+  assert not (tmp_path / "wd").exists()

@@ -34,7 +34,13 @@ def _fan_in_normal(n_in: int):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias), contracting x's last len(in_shape) axes; kernel is in+out shaped."""
+  """y = x @ kernel (+ bias), contracting x's last len(in_shape) axes; kernel is in+out shaped.
+
+  Mixed precision: the operands in the compute `dtype`, the products accumulated in float32
+  (`preferred_element_type`), the bias added in float32, the result cast to `dtype` once. At
+  float32 this is the plain matmul; at bfloat16 it is what the hardware runs fast (XLA:CPU's AMX
+  path, TPU MXU, GPU tensor cores all accumulate in float32; a bf16-result dot on XLA:CPU ran at
+  float32 speed, docs/benchmarks.md)."""
 
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -49,12 +55,13 @@ class Linear(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(_fan_in_normal(n), self.axes),
                         self.in_shape + self.out_shape, self.param_dtype)
     contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=jnp.float32)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n:]),
                         self.out_shape, self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -131,7 +138,8 @@ class Attention(nn.Module):
                              preferred_element_type=jnp.float32) * (e ** -0.5)
     s_BxGxRxLxM = jnp.where(keep_BxLxM[:, None, None], s_BxGxRxLxM, _MASKED)
     p_BxGxRxLxM = jax.nn.softmax(s_BxGxRxLxM, axis=-1).astype(dt)
-    o_BxLxGxRxE = jnp.einsum("bgrlm,bmge->blgre", p_BxGxRxLxM, v_BxMxGxE)
+    o_BxLxGxRxE = jnp.einsum("bgrlm,bmge->blgre", p_BxGxRxLxM, v_BxMxGxE,
+                             preferred_element_type=jnp.float32).astype(dt)
     o_BxLxHxE = o_BxLxGxRxE.reshape(b, l, h, e)
     return Linear((h, e), (d,), ("heads", "head_dim", "embed"), False, dt, pdt,
                   name="o_proj")(o_BxLxHxE)

@@ -1,0 +1,140 @@
+"""Mixed precision (issue 23): bfloat16 compute with float32 accumulation, float32 master
+weights and optimizer state, per-dtype XLA options; bf16 against f32 and against PyTorch's
+autocast on random tiny models."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from first_jax import step, trainer, xla_options
+from first_jax.models import Decoder, ModelConfig, init_params, load_pretrained
+
+V = 256
+
+
+def _cfg(**kw):
+  base = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+              num_kv_heads=2)
+  return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = _cfg()
+  return cfg, init_params(cfg, jax.random.key(3))
+
+
+def _ids(seed, b=4, l=16):
+  return np.random.default_rng(seed).integers(0, V, (b, l)).astype(np.int32)
+
+
+def test_every_bf16_matmul_accumulates_in_float32(model):
+  cfg, params = model
+  bf = cfg.replace(dtype="bfloat16")
+  text = jax.jit(lambda p, i: Decoder(bf).apply({"params": p}, i)).lower(
+      params, _ids(0)).as_text()
+  dots = [l for l in text.splitlines() if "dot_general" in l]
+  bf16_in = [l for l in dots if re.search(r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\)", l)]
+  assert len(bf16_in) >= 8  # q, k, v, o, gate, up, down, scores, weighted sum, head ...
+  assert all(re.search(r"-> tensor<[^>]*xf32>", l) for l in bf16_in), \
+      [l for l in bf16_in if not re.search(r"-> tensor<[^>]*xf32>", l)][:2]
+  f32_text = jax.jit(lambda p, i: Decoder(cfg).apply({"params": p}, i)).lower(
+      params, _ids(0)).as_text()
+  assert "bf16" not in f32_text  # float32 runs stay float32
+
+
+def test_bf16_forward_and_gradients_within_tolerance_of_f32(model):
+  cfg, params = model
+  ids, targets = _ids(1), _ids(2)
+
+  def loss(c):
+    def f(p):
+      lp = jax.nn.log_softmax(Decoder(c).apply({"params": p}, ids), -1)
+      return -jnp.take_along_axis(lp, targets[..., None], -1).mean()
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  (l32, g32), (l16, g16) = loss(cfg), loss(cfg.replace(dtype="bfloat16"))
+  assert abs(float(l16) - float(l32)) < 0.01 * abs(float(l32))
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+    assert b.dtype == jnp.float32  # gradients of the float32 master weights
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)
+    assert cos > 0.99, cos
+  f32 = np.asarray(jax.jit(lambda p: Decoder(cfg).apply({"params": p}, ids))(params))
+  b16 = np.asarray(jax.jit(lambda p: Decoder(cfg.replace(dtype="bfloat16")).apply(
+      {"params": p}, ids))(params))
+  assert b16.dtype == np.float32
+  assert 0 < np.abs(b16 - f32).max() < 0.05 * np.abs(f32).max()
+  top5 = lambda x: np.argsort(-x, -1)[..., :5]  # noqa: E731
+  assert np.mean(top5(b16)[..., 0] == top5(f32)[..., 0]) > 0.9
+
+
+def test_bf16_parity_with_transformers_autocast(tmp_path):
+  """first_jax at bf16 compute is as close to the float32 reference as transformers under
+  torch.autocast(bfloat16) is."""
+  torch.manual_seed(4)
+  hcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64)
+  hf = transformers.LlamaForCausalLM(hcfg).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name
+              else torch.randn_like(p) / (p.shape[1] ** 0.5 if "embed" not in name else 1.0))
+  hf.save_pretrained(tmp_path)
+  ids = _ids(5, 3, 12)
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      auto = hf(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+  ours = np.asarray(load_pretrained(str(tmp_path), dtype="bfloat16")(ids))
+  f32 = np.asarray(load_pretrained(str(tmp_path))(ids))
+  np.testing.assert_allclose(f32, ref, atol=1e-4, rtol=0)
+  err_auto, err_ours = np.abs(auto - ref).max(), np.abs(ours - ref).max()
+  assert 0 < err_ours <= 2 * err_auto, (err_ours, err_auto)
+  assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= np.mean(auto.argmax(-1) ==
+                                                                ref.argmax(-1)) - 0.1
+
+
+def test_optimizer_state_is_float32_whatever_the_param_dtype():
+  rng = np.random.default_rng(6)
+  p32 = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+         "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  g32 = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p32)
+  kw = dict(lr=1e-2, total_steps=10, warmup_ratio=0.0, weight_decay=0.1, clip_norm=1.0, b1=0.9,
+            b2=0.999, eps=1e-8)
+  tx = step.make_optimizer(**kw)
+  # float32 params: the wrapper changes nothing, bit for bit
+  plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+  wrapped = step.float32_moments(plain)
+  v, _ = plain.update(g32, plain.init(p32), p32)
+  w, _ = wrapped.update(g32, wrapped.init(p32), p32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), w, v)
+  u, _ = tx.update(g32, tx.init(p32), p32)  # make_optimizer's, for the bf16 comparison below
+  # bfloat16 params: float32 moments, bfloat16 updates close to the float32 ones
+  p16, g16 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), t) for t in (p32, g32))
+  state = tx.init(p16)
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)
+            and x.ndim > 0]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+  u16, state = tx.update(g16, state, p16)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u16))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=2e-4,
+                                                       rtol=2e-2), u16, u)
+
+
+def test_xla_options_per_platform_and_dtype(model):
+  assert xla_options.fused_dots("cpu") == xla_options.FUSED_DOTS_CPU
+  assert xla_options.fused_dots("cpu", "float32") == xla_options.FUSED_DOTS_CPU
+  assert xla_options.fused_dots("cpu", "bfloat16") is None
+  assert xla_options.fused_dots("gpu", "float32") is None
+  cfg, _ = model
+  f32, bf = Decoder(cfg), Decoder(cfg.replace(dtype="bfloat16"))
+  assert trainer._compute_dtype(f32) == "float32"
+  assert trainer._compute_dtype(f32, bf) == "bfloat16"
+  assert trainer._compute_dtype(f32, None) == "float32"
