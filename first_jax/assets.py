@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from first_jax.errors import UserError
 from first_jax.io_util import atomic_path, sha256_file
@@ -248,9 +248,11 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
   return main
 
 
-def _members(name: str, prefix: str, rels: dict[str, Path], root: Path) -> None:
+def _members(name: str, prefix: str, rels: dict[str, Path], root: Path,
+             absent: Callable[[str], str] | None = None) -> None:
   """Extracts archive members `prefix + rel` of asset `name` to `rels[rel]` (those not yet
-  there), in one pass over the archive, under the asset's lock; UserError names a missing rel."""
+  there), in one pass over the archive, under the asset's lock. A rel the archive lacks is a
+  UserError: `absent(rel)`, else one naming the member."""
   with _locked(root, name):
     missing = {f"{prefix}{rel}": p for rel, p in rels.items() if not p.is_file()}
     if not missing:
@@ -260,8 +262,9 @@ def _members(name: str, prefix: str, rels: dict[str, Path], root: Path) -> None:
     try:
       _extract(archive, missing)
     except UserError:
-      absent = sorted(m[len(prefix):] for m, p in missing.items() if not p.is_file())
-      raise UserError(f"asset {name}: no {prefix}{absent[0]} in {archive.name}") from None
+      rel = sorted(m[len(prefix):] for m, p in missing.items() if not p.is_file())[0]
+      raise UserError(absent(rel) if absent else
+                      f"asset {name}: no {prefix}{rel} in {archive.name}") from None
 
 
 def _local_bigbench_task(folder: str, task: str) -> Path | None:
@@ -302,15 +305,10 @@ def bigbench_tasks(tasks: Iterable[str], cache_dir: str | os.PathLike | None = N
   root = cache_root(cache_dir)
   paths = {t: root / "bigbench" / t / "task.json" for t in tasks}
   if not all(p.is_file() for p in paths.values()):
-    try:
-      _members("bigbench", _BIGBENCH_TASKS, {f"{t}/task.json": p for t, p in paths.items()},
-               root)
-    except UserError as e:
-      if "no bigbench-1.0.0/" not in str(e):
-        raise
-      absent = [t for t, p in paths.items() if not p.is_file()]
-      raise UserError(f"bigbench task {absent[0]!r}: no such task in bigbench-1.0.0.tar.gz "
-                      "(see bigbench/benchmark_tasks/)") from None
+    _members("bigbench", _BIGBENCH_TASKS, {f"{t}/task.json": p for t, p in paths.items()}, root,
+             absent=lambda rel: (f"bigbench task {rel.removesuffix('/task.json')!r}: no such "
+                                 f"task in {ASSETS['bigbench'].filename} (see "
+                                 "bigbench/benchmark_tasks/)"))
   return paths
 
 
@@ -352,16 +350,13 @@ def needed_by(cfg) -> set[str]:
 
 
 def _shipped_configs(folder: Path) -> dict[str, Any]:
-  """{file name: its get_config("")} for each configs/*.py (a broken one is reported, not
+  """{file name: its get_config()} for each configs/*.py (a broken one is reported, not
   raised: the check is about assets)."""
-  import importlib.util
+  from first_jax import config as config_lib  # (config imports nothing of first_jax's above it)
   out = {}
   for path in sorted(folder.glob("*.py")):
     try:
-      spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)
-      mod = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(mod)
-      out[path.name] = mod.get_config("")
+      out[path.name] = config_lib.load_file(str(path))
     except Exception as e:  # noqa: BLE001 - reported, the other configs still count
       _log.warning("%s: could not be read (%s: %s)", path, type(e).__name__, e)
   return out
