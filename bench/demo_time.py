@@ -14,6 +14,8 @@ length buckets, and the evaluation's shortest-first order cut by data.trim_batch
   after    configs/demo.py as it is
   shipped  configs/demo.py as it is, the variant README's time claim cites (`after` and
            `before` were recorded on 2026-12-02, when the job still ran on BIG-bench multiemo)
+  shipped_float32  the same job computing in float32 (`*.model.dtype=float32`), the job as
+           shipped before 2026-12-06's mixed precision
 A variant whose record is already in --out is not run again (a killed run resumes by variant);
 `--force` runs it anyway. Progress: the pipeline's own (rate and ETA per stage).
 """
@@ -35,7 +37,8 @@ from bench.run import ROOT, environment, log
 CONFIG = "configs/demo.py"
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
 VARIANTS = {"before": {"finetune.length_buckets": (), "distill.length_buckets": ()},
-            "after": {}, "shipped": {}}
+            "after": {}, "shipped": {},
+            "shipped_float32": {"teacher.model.dtype": "float32", "student.model.dtype": "float32"}}
 
 
 def flags(overrides: dict[str, Any]) -> list[str]:

@@ -2,7 +2,7 @@
 bench.run's `step` section, profiled op by op on the same batch (issue 11).
 
     python -m bench.profile_step --out docs/benchmarks/profile_step.json [--steps 3]
-                                 [--batch 8 --length 128] [--kind ce|topk_kd]
+                                 [--batch 8 --length 128] [--dtype float32|bfloat16]
 
 first_jax: `jax.profiler.trace` over --steps steps after a warm-up; every XLA:CPU thunk's time
 from the trace, named by the compiled HLO instruction it runs (its op_name metadata: the
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
   ap.add_argument("--length", type=int, default=128)
   ap.add_argument("--model", default="smollm2")
   ap.add_argument("--text", default="botchan", choices=("botchan", "embedded", "random"))
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="compute dtype of both steps (PyTorch: torch.autocast), as bench.run's")
   ap.add_argument("--no-torch", action="store_true")
   a = ap.parse_args(argv)
   import jax
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
   from bench import baselines_torch
   from first_jax import sharding, step
   s = Settings(mode="full", **{**MODES["full"], "batch": a.batch, "length": a.length,
-                               "model": a.model, "text": a.text})
+                               "model": a.model, "text": a.text,
+                               "dtype": a.dtype})
   ctx = Context(s)
   try:
     batch, opt, tx = step_inputs(ctx, s)  # as bench.run's step section
@@ -153,12 +156,12 @@ def main(argv=None) -> int:
     for _ in range(2):
       one()
     log(f"profiling first_jax's step, {a.steps} steps")
-    out = {"meta": environment(), "shapes": [a.batch, a.length],
+    out = {"meta": environment(), "shapes": [a.batch, a.length], "dtype": a.dtype,
            "first_jax": jax_profile(one, a.steps, hlo)}
     hold.clear()
     if not a.no_torch:
       tmodel = baselines_torch.load_causal_lm(ctx.hf_dir, train=True)
-      tstep = baselines_torch.TrainStep(tmodel, **opt)
+      tstep = baselines_torch.TrainStep(tmodel, **opt, dtype=a.dtype)
       tb = {k: torch.from_numpy(v.astype(np.float32 if k == "loss_mask" else np.int64))
             for k, v in batch.items()}
       run = lambda: tstep(tb["input_ids"], tb["attention_mask"], tb["targets"],  # noqa: E731

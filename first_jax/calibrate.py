@@ -147,7 +147,7 @@ def run(cfg) -> dict:
     _check_premise(cfg, m["calibration"]["premise"])
     return m["calibration"]
   data = workspace.load_data(cfg, tok)
-  teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
+  teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher").for_inference()
   val = data.splits["validation"]
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"

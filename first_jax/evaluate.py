@@ -442,7 +442,7 @@ def run(cfg) -> dict:
   for name, (load, model_fp) in found.items():
     key = None if model_fp is None else f"{model_fp}/{kind.key}"
     scored = cached_scores(os.path.join(out, "scores"), name, key,
-                           lambda load=load: kind.compute(load(), mesh))
+                           lambda load=load: kind.compute(load().for_inference(), mesh))
     val_nll[name] = kind.val_nll(scored)
     rows = {name: kind.identity()}
     if name in cfg.evaluate.post_hoc:  # + post-hoc temperature scaling, fitted on validation

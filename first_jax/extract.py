@@ -39,6 +39,7 @@ def run(cfg) -> str:
   mesh = workspace.mesh(cfg)
   # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
   # text: the top-k at every position, of which the store keeps the response tokens'.
+  teacher = teacher.for_inference()
   fn = infer.topk_program(teacher.module, teacher.params, cfg.extract.k,
                           workspace.answer_only(cfg), mesh)
   n, size = len(train["input_ids"]), cfg.extract.shard_size

@@ -215,6 +215,17 @@ class Model:
     self.module = Decoder(config)
     self._apply = jax.jit(self.module.apply)
 
+  def for_inference(self) -> "Model":
+    """This model with its matmul weights (kernels, untied head) stored in the compute dtype:
+    a frozen model's forward then skips casting them on every call. Same outputs bit for bit,
+    the forward casts them to that dtype anyway; the same model at float32."""
+    dt = jnp.dtype(self.config.dtype)
+    if dt == jnp.float32:
+      return self
+    cast = lambda path, x: (x.astype(dt) if path[-1].key in ("kernel", "lm_head")  # noqa: E731
+                            and jnp.issubdtype(x.dtype, jnp.floating) else x)
+    return Model(self.config, jax.tree_util.tree_map_with_path(cast, self.params))
+
   def __call__(self, input_ids_BxL: Any, attention_mask_BxL: Any = None) -> jax.Array:
     """logits_BxLxV (float32)."""
     mask = None if attention_mask_BxL is None else jnp.asarray(attention_mask_BxL)

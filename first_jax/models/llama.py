@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from first_jax.errors import UserError
+from first_jax.models import precision
 from first_jax.models.config import ModelConfig
 from first_jax.sharding import unbox
 
@@ -33,14 +34,23 @@ def _fan_in_normal(n_in: int):
   return init
 
 
+def _letters(*counts: int) -> tuple[str, ...]:
+  """Disjoint runs of einsum index letters, one run per count."""
+  pool, out = iter("abcefghijklmnopqrstuwxyz"), []  # d and v are the head's
+  for n in counts:
+    out.append("".join(next(pool) for _ in range(n)))
+  return tuple(out)
+
+
 class Linear(nn.Module):
   """y = x @ kernel (+ bias), contracting x's last len(in_shape) axes; kernel is in+out shaped.
 
   Mixed precision: the operands in the compute `dtype`, the products accumulated in float32
-  (`preferred_element_type`), the bias added in float32, the result cast to `dtype` once. At
-  float32 this is the plain matmul; at bfloat16 it is what the hardware runs fast (XLA:CPU's AMX
-  path, TPU MXU, GPU tensor cores all accumulate in float32; a bf16-result dot on XLA:CPU ran at
-  float32 speed, docs/benchmarks.md)."""
+  (`preferred_element_type`), the bias added in float32, the result cast to `dtype` once; the
+  backward pass likewise (`precision.einsum`). At float32 this is the plain matmul; at bfloat16
+  it is what the hardware runs fast (XLA:CPU's AMX / AVX512-BF16 path, TPU MXU, GPU tensor
+  cores all accumulate in float32; a bf16-result dot on XLA:CPU ran at float32 speed,
+  docs/benchmarks.md)."""
 
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -54,14 +64,13 @@ class Linear(nn.Module):
     n = len(self.in_shape)
     kernel = self.param("kernel", nn.with_logical_partitioning(_fan_in_normal(n), self.axes),
                         self.in_shape + self.out_shape, self.param_dtype)
-    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-                            preferred_element_type=jnp.float32)
+    lead, ins, outs = _letters(x.ndim - n, n, len(self.out_shape))
+    y = precision.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n:]),
                         self.out_shape, self.param_dtype)
       y = y + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +86,7 @@ class RMSNorm(nn.Module):
                          (x_xD.shape[-1],), self.param_dtype)
     x32_xD = x_xD.astype(jnp.float32)
     y_xD = x32_xD * jax.lax.rsqrt(jnp.mean(x32_xD * x32_xD, axis=-1, keepdims=True) + self.eps)
-    return scale_D.astype(self.dtype) * y_xD.astype(self.dtype)
+    return scale_D.astype(jnp.float32) * y_xD
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -134,12 +143,10 @@ class Attention(nn.Module):
     v_BxMxGxE = proj("v_proj", g, "kv_heads")
     b, l = x_BxLxD.shape[:2]
     q_BxLxGxRxE = q_BxLxHxE.reshape(b, l, g, h // g, e)
-    s_BxGxRxLxM = jnp.einsum("blgre,bmge->bgrlm", q_BxLxGxRxE, k_BxMxGxE,
-                             preferred_element_type=jnp.float32) * (e ** -0.5)
+    s_BxGxRxLxM = precision.einsum("blgre,bmge->bgrlm", q_BxLxGxRxE, k_BxMxGxE, dt) * (e ** -0.5)
     s_BxGxRxLxM = jnp.where(keep_BxLxM[:, None, None], s_BxGxRxLxM, _MASKED)
-    p_BxGxRxLxM = jax.nn.softmax(s_BxGxRxLxM, axis=-1).astype(dt)
-    o_BxLxGxRxE = jnp.einsum("bgrlm,bmge->blgre", p_BxGxRxLxM, v_BxMxGxE,
-                             preferred_element_type=jnp.float32).astype(dt)
+    p_BxGxRxLxM = jax.nn.softmax(s_BxGxRxLxM, axis=-1)
+    o_BxLxGxRxE = precision.einsum("bgrlm,bmge->blgre", p_BxGxRxLxM, v_BxMxGxE, dt)
     o_BxLxHxE = o_BxLxGxRxE.reshape(b, l, h, e)
     return Linear((h, e), (d,), ("heads", "head_dim", "embed"), False, dt, pdt,
                   name="o_proj")(o_BxLxHxE)
@@ -220,7 +227,7 @@ class Decoder(nn.Module):
     cos_BxLxE, sin_BxLxE = rope_cos_sin(pos_BxL, c)
     # Clamp, don't NaN-fill, out-of-range ids: a padding id like -100 must not poison the
     # masked keys (0 * NaN is NaN); real ids are checked against the tokenizer elsewhere.
-    h_BxLxD = jnp.take(self.embed, input_ids_BxL, axis=0, mode="clip").astype(jnp.dtype(c.dtype))
+    h_BxLxD = jnp.take(self.embed, input_ids_BxL, axis=0, mode="clip").astype(jnp.float32)
     if c.scan_layers:
       h_BxLxD, _ = self.layers(h_BxLxD, keep_BxLxM, cos_BxLxE, sin_BxLxE)
     else:
@@ -231,11 +238,10 @@ class Decoder(nn.Module):
   def logits_from_hidden(self, h_xD: jax.Array) -> jax.Array:
     """The output head on any leading shape; logits are float32."""
     dt = jnp.dtype(self.config.dtype)
+    lead = _letters(h_xD.ndim - 1, 0, 0)[0]
     if self.config.tie_word_embeddings:
-      return jnp.einsum("...d,vd->...v", h_xD.astype(dt), self.embed.astype(dt),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h_xD.astype(dt), self.lm_head.astype(dt),
-                      preferred_element_type=jnp.float32)
+      return precision.einsum(f"{lead}d,vd->{lead}v", h_xD, self.embed, dt)
+    return precision.einsum(f"{lead}d,dv->{lead}v", h_xD, self.lm_head, dt)
 
   def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None):
     return self.logits_from_hidden(self.hidden(input_ids_BxL, attention_mask_BxL))
