@@ -4,7 +4,9 @@ Written to be fair to the baseline: batched, `torch.no_grad()` for forward-only 
 by the caller to the core count, at the precision first_jax computes in: float32 throughout, or
 with `dtype="bfloat16"` float32 weights run under `torch.autocast("cpu", torch.bfloat16)` (the
 mixed precision a PyTorch user runs; losses and log-softmax in float32).
-Nothing here is imported by the first_jax package.
+Nothing here is imported by the first_jax package. The device is the CPU, or the one named by
+BENCH_TORCH_DEVICE (e.g. `cuda`, as bench/device_check.sh sets): models and inputs are moved
+there, results come back to the host, and every timed call ends synchronized.
 
 - `load_causal_lm(hf_dir)`: transformers' AutoModelForCausalLM from first_jax's own HF export.
 - `extract(model, ids, mask, k)`: forward + log_softmax + batched torch.topk (+ the tail mass).
@@ -26,6 +28,16 @@ import torch
 import torch.nn.functional as F
 
 
+def device() -> torch.device:
+  """Where the baselines run: $BENCH_TORCH_DEVICE (default cpu)."""
+  return torch.device(os.environ.get("BENCH_TORCH_DEVICE", "cpu"))
+
+
+def sync() -> None:
+  if device().type == "cuda":
+    torch.cuda.synchronize()
+
+
 def set_threads(n: int) -> int:
   """torch intra-op threads = n; returns the previous setting (to restore)."""
   old = torch.get_num_threads()
@@ -38,6 +50,7 @@ def load_causal_lm(hf_dir: str | os.PathLike, train: bool = False):
   from transformers import AutoModelForCausalLM
 
   model = AutoModelForCausalLM.from_pretrained(os.fspath(hf_dir), dtype=torch.float32)
+  model = model.to(device())
   return model.train() if train else model.eval()
 
 
@@ -48,16 +61,17 @@ def attn_implementation(model) -> str:
 def logits(model, ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> np.ndarray:
   """float32 logits [B, L, V] as numpy (forward only)."""
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(np.asarray(ids_BxL, np.int64)),
-                attention_mask=torch.from_numpy(np.asarray(mask_BxL, np.int64))).logits
-  return out.float().numpy()
+    out = model(input_ids=torch.from_numpy(np.asarray(ids_BxL, np.int64)).to(device()),
+                attention_mask=torch.from_numpy(np.asarray(mask_BxL, np.int64)).to(device())
+                ).logits
+  return out.float().cpu().numpy()
 
 
 def autocast(dtype: str = "float32"):
-  """`torch.autocast` on the CPU for dtype "bfloat16"; a no-op context for "float32"."""
+  """`torch.autocast` on the device for dtype "bfloat16"; a no-op context for "float32"."""
   if dtype == "float32":
     return contextlib.nullcontext()
-  return torch.autocast("cpu", dtype=getattr(torch, dtype))
+  return torch.autocast(device().type, dtype=getattr(torch, dtype))
 
 
 def extract(model, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, k: int,
@@ -69,12 +83,12 @@ def extract(model, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, k: int,
   """
   with torch.no_grad():
     with autocast(dtype):
-      out = model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
+      out = model(input_ids=ids_BxL.to(device()), attention_mask=mask_BxL.to(device())).logits
     lp = torch.log_softmax(out.float(), dim=-1)
     vals, ids = torch.topk(lp, k, dim=-1)
     kept = vals.exp().sum(-1).clamp(max=1.0 - 1e-7)
     tail = torch.log1p(-kept)
-  return {"logprobs": vals.numpy(), "ids": ids.numpy(), "tail": tail.numpy()}
+  return {"logprobs": vals.cpu().numpy(), "ids": ids.cpu().numpy(), "tail": tail.cpu().numpy()}
 
 
 def jsonl_row(ids_LxK: np.ndarray, vals_LxK: np.ndarray) -> str:
@@ -131,6 +145,9 @@ class TrainStep:
   def __call__(self, ids_BxL: torch.Tensor, mask_BxL: torch.Tensor, targets_BxL: torch.Tensor,
                loss_mask_BxL: torch.Tensor) -> float:
     self.opt.zero_grad(set_to_none=True)
+    dev = device()
+    ids_BxL, mask_BxL, targets_BxL, loss_mask_BxL = (
+        t.to(dev) for t in (ids_BxL, mask_BxL, targets_BxL, loss_mask_BxL))
     with autocast(self.dtype):  # the forward; the loss in float32, backward outside
       out = self.model(input_ids=ids_BxL, attention_mask=mask_BxL).logits
     per_token = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), targets_BxL.reshape(-1),
@@ -146,10 +163,12 @@ class TrainStep:
 def matmul(n: int, seed: int = 0, dtype: str = "float32"):
   """A closure timing one [n, n] @ [n, n] with torch.mm in `dtype` (2 n^3 FLOPs)."""
   g = torch.Generator().manual_seed(seed)
-  a = torch.randn(n, n, generator=g, dtype=torch.float32).to(getattr(torch, dtype))
-  b = torch.randn(n, n, generator=g, dtype=torch.float32).to(getattr(torch, dtype))
+  a = torch.randn(n, n, generator=g, dtype=torch.float32).to(device(), getattr(torch, dtype))
+  b = torch.randn(n, n, generator=g, dtype=torch.float32).to(device(), getattr(torch, dtype))
 
   def run():
     with torch.no_grad():
-      return torch.mm(a, b)
+      out = torch.mm(a, b)
+    sync()
+    return out
   return run

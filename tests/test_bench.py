@@ -202,3 +202,31 @@ def test_only_and_bad_arguments(bench_run):
       1000, 100_000, 8192, 151_936)
   s, only, _ = bench_run.parse(["--quick", "--only", "search,loss_memory", "--no-loss-rss"])
   assert only == ("search", "loss_memory") and s.loss_positions == 1024 and not s.loss_rss
+
+
+def test_device_check_script_dry_run_on_the_cpu(tiny_hf_dir, tmp_path):
+  """bench/device_check.sh end to end with the PyTorch baselines on the CPU and tiny shapes:
+  bench.run at bfloat16, the smoke pipeline at bfloat16, one JSON with every section's ratio."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "check"
+  args = ["--model", tiny_hf_dir, "--text", "random", "--batch", "2", "--length", "8",
+          "--warmup", "1", "--reps", "1", "--mass-batches", "2", "--peak-n", "32", *TINY]
+  env = {**os.environ, "BENCH_TORCH_DEVICE": "cpu", "PYTHON": sys.executable,
+         "BENCH_ARGS": " ".join(args),
+         "SMOKE_ARGS": "--config.data.synthetic_size=120 --config.finetune.epochs=1 "
+                       "--config.distill.epochs=1"}
+  subprocess.run(["bash", "bench/device_check.sh", str(out)], cwd=root, env=env, check=True)
+  r = json.loads((out / "device_check.json").read_text())
+  assert r["dtype"] == "bfloat16" and r["jax_backend"] == "cpu"
+  assert r["spec_peak_bf16_flops"] is None  # a CPU is not on the spec sheet
+  for key in ("extraction_speedup_vs_torch", "step_speedup_vs_torch"):
+    assert np.isfinite(r["ratios"][key]) and r["ratios"][key] > 0, key
+  assert r["sections"]["step"]["tokens_per_s"]["first_jax"] > 0
+  assert {"sft", "kd", "first"} <= set(r["smoke_models"])
+  assert set(r["smoke_stage_s"]) >= {"finetune", "extract", "calibrate", "train", "evaluate"}
+  from bench import device_check
+  assert device_check.spec_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert device_check.spec_peak("NVIDIA H100 PCIe") == 756e12

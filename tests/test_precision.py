@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from first_jax import step, trainer, xla_options
-from first_jax.models import Decoder, ModelConfig, init_params, load_pretrained
+from first_jax.models import Decoder, Model, ModelConfig, init_params, load_pretrained, precision
 
 V = 256
 
@@ -138,3 +138,75 @@ def test_xla_options_per_platform_and_dtype(model):
   assert trainer._compute_dtype(f32) == "float32"
   assert trainer._compute_dtype(f32, bf) == "bfloat16"
   assert trainer._compute_dtype(f32, None) == "float32"
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("abc,ce->abe", ((2, 5, 16), (16, 24))),  # Linear
+    ("abce,cef->abf", ((2, 5, 4, 8), (4, 8, 12))),  # o_proj: two contracted axes
+    ("abd,vd->abv", ((2, 5, 16), (40, 16))),  # tied output head
+    ("blgre,bmge->bgrlm", ((2, 6, 2, 3, 8), (2, 6, 2, 8))),  # attention scores
+    ("bgrlm,bmge->blgre", ((2, 2, 3, 6, 6), (2, 6, 2, 8))),  # attention-weighted values
+])
+def test_mixed_einsum_and_its_gradient_against_float64(spec, shapes):
+  rng = np.random.default_rng(7)
+  a64, b64 = (rng.normal(size=s) for s in shapes)
+  g64 = rng.normal(size=np.einsum(spec, a64, b64).shape)
+  ins, out = spec.split("->")
+  ta, tb = ins.split(",")
+  da64 = np.einsum(f"{out},{tb}->{ta}", g64, b64)  # d<g, a.b>/da, by hand
+  db64 = np.einsum(f"{ta},{out}->{tb}", a64, g64)
+  # a float32 operand and a bf16 one: each gradient comes back in its input's dtype
+  a, b = jnp.asarray(a64, jnp.float32), jnp.asarray(b64, jnp.bfloat16)
+  for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+    f = lambda a, b: precision.einsum(spec, a, b, dtype)  # noqa: E731
+    y, vjp = jax.vjp(f, a, b)
+    da, db = vjp(jnp.asarray(g64, jnp.float32))
+    assert y.dtype == jnp.float32 and da.dtype == jnp.float32 and db.dtype == jnp.bfloat16
+    b_used = np.asarray(b, np.float64)  # the bf16 operand's own value is the reference's
+    for got, want, t in ((y, np.einsum(spec, a64, b_used), tol),
+                         (da, np.einsum(f"{out},{tb}->{ta}", g64, b_used), tol),
+                         (db, db64, 2e-2)):  # db is bf16, b's dtype, at either precision
+      err = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+      assert err < t, (dtype, err)
+  assert np.abs(da64).max() > 0  # the by-hand reference is not vacuous
+
+
+def test_mixed_einsum_rejects_what_its_gradient_rule_cannot_do():
+  x = jnp.ones((2, 3))
+  for spec in ("ab,bc", "ab,cd->ad", "...a,ab->...b", "aab,bc->ac"):
+    with pytest.raises(ValueError, match="einsum spec"):
+      precision.einsum(spec, x, x, "bfloat16")
+
+
+def test_bf16_training_program_has_no_float32_matmul(model):
+  """Forward and backward: every dot of the bf16 program takes two bf16 operands and returns
+  float32 (JAX's own transpose would contract the float32 cotangent with a bf16 operand, a mixed
+  dot XLA:CPU runs at float32 speed)."""
+  cfg, params = model
+  ids, targets = _ids(1), _ids(2)
+  bf = Decoder(cfg.replace(dtype="bfloat16"))
+
+  def loss(p):
+    lp = jax.nn.log_softmax(bf.apply({"params": p}, ids), -1)
+    return -jnp.take_along_axis(lp, targets[..., None], -1).mean()
+  text = jax.jit(jax.grad(loss)).lower(params).as_text()
+  dots = [l for l in text.splitlines() if "dot_general" in l]
+  assert len(dots) >= 24  # forward + two per matmul backward
+  bad = [l for l in dots if not re.search(
+      r"\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*xf32>", l)]
+  assert not bad, bad[:2]
+
+
+def test_for_inference_keeps_kernels_in_the_compute_dtype_and_the_outputs(model):
+  cfg, params = model
+  ids = _ids(8)
+  m = Model(cfg.replace(dtype="bfloat16"), params)
+  fast = m.for_inference()
+  kinds = {jax.tree_util.keystr(k): v.dtype for k, v in
+           jax.tree_util.tree_flatten_with_path(fast.params)[0]}
+  lowp = lambda k: "kernel" in k or "lm_head" in k  # noqa: E731
+  assert all(d == jnp.bfloat16 for k, d in kinds.items() if lowp(k))
+  assert all(d == jnp.float32 for k, d in kinds.items() if not lowp(k))  # norms, embedding
+  np.testing.assert_array_equal(np.asarray(fast(ids)), np.asarray(m(ids)))
+  f32 = Model(cfg, params)
+  assert f32.for_inference() is f32

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 
 
 def _terms(spec: str) -> tuple[str, str, str]:
-  ins, out = spec.replace(" ", "").split("->")
-  a, b = ins.split(",")
+  parts = spec.replace(" ", "").split("->")
+  if len(parts) != 2 or parts[0].count(",") != 1:
+    raise ValueError(f"einsum spec {spec!r}: expected two operands and an explicit output")
+  (a, b), out = parts[0].split(","), parts[1]
   for s in (a, b, out):
     if not all(ch.isalpha() for ch in s) or len(set(s)) != len(s):
       raise ValueError(f"einsum spec {spec!r}: letters only, each once per term")
