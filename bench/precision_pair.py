@@ -6,7 +6,7 @@
 
 Both runs are the same job on the same split (the seed fixes the subsample, the split and the
 training order), so every evaluated example appears in both: for each model and set (in-domain
-test; out-of-domain pooled) it reports accuracy and ECE under each precision, the difference
+test; out-of-domain: the mean over its tasks of each task's value, as bench.report) it reports accuracy and ECE under each precision, the difference
 a - b with a 95% paired bootstrap interval (the same resampled examples for both runs), and
 whether b's own 95% interval holds a's value. A run is a workdir (bench.report.load_run) or a
 committed seed record (docs/results/*_seed*.json). Writes <out>.json and <out>.md.
@@ -35,17 +35,21 @@ def _sets(rec: dict) -> dict[str, list[str]]:
                                                         else o for o in rec["ood"]]}
 
 
-def _events(rec: dict, model: str, sets: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  ev = rec["events"][model]
-  conf = np.concatenate([np.asarray(ev[s]["confidence"], np.float64) for s in sets])
-  corr = np.concatenate([np.asarray(ev[s]["correct"], np.float64) for s in sets])
-  return conf, corr
+def _events(rec: dict, model: str, s: str) -> tuple[np.ndarray, np.ndarray]:
+  ev = rec["events"][model][s]
+  return np.asarray(ev["confidence"], np.float64), np.asarray(ev["correct"], np.float64)
 
 
-def _stats(conf: np.ndarray, corr: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
-  if idx is not None:
-    conf, corr = conf[idx], corr[idx]
-  return np.array([corr.mean(), report.ece(conf, corr)])
+def _stats(sets: list[tuple[np.ndarray, np.ndarray]], idx: list[np.ndarray] | None = None
+           ) -> np.ndarray:
+  """[accuracy, ECE], each the mean over the sets of the set's own value (bench.report's
+  definition of the out-of-domain figures)."""
+  vals = []
+  for j, (conf, corr) in enumerate(sets):
+    if idx is not None:
+      conf, corr = conf[idx[j]], corr[idx[j]]
+    vals.append([corr.mean(), report.ece(conf, corr)])
+  return np.mean(vals, axis=0)
 
 
 def compare(a: dict, b: dict, num_bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -55,25 +59,27 @@ def compare(a: dict, b: dict, num_bootstrap: int = 2000, seed: int = 0) -> dict[
     if sets != _sets(b)[label]:
       raise SystemExit(f"{label}: the runs evaluate different sets ({sets} vs {_sets(b)[label]})")
     for m in models:
-      ca, ka = _events(a, m, sets)
-      cb, kb = _events(b, m, sets)
-      if len(ca) != len(cb):
-        raise SystemExit(f"{m} {label}: {len(ca)} vs {len(cb)} examples: not the same split")
+      ea = [_events(a, m, s) for s in sets]
+      eb = [_events(b, m, s) for s in sets]
+      for s, x, y in zip(sets, ea, eb):
+        if len(x[0]) != len(y[0]):
+          raise SystemExit(f"{m} {s}: {len(x[0])} vs {len(y[0])} examples: not the same split")
       rng = np.random.default_rng(seed)
       reps_a, reps_b = [], []
-      for _ in range(num_bootstrap):
-        idx = rng.integers(0, len(ca), len(ca))
-        reps_a.append(_stats(ca, ka, idx))
-        reps_b.append(_stats(cb, kb, idx))
+      for _ in range(num_bootstrap):  # one draw per set, shared by both runs: paired
+        idx = [rng.integers(0, len(x[0]), len(x[0])) for x in ea]
+        reps_a.append(_stats(ea, idx))
+        reps_b.append(_stats(eb, idx))
       ra, rb = np.array(reps_a), np.array(reps_b)
-      va, vb = _stats(ca, ka), _stats(cb, kb)
-      row = {"n": len(ca)}
+      va, vb = _stats(ea), _stats(eb)
+      row: dict[str, Any] = {"n": int(sum(len(x[0]) for x in ea))}
       for j, metric in enumerate(("accuracy", "ece")):
         lo_b, hi_b = report.interval(rb[:, j])
         row[metric] = {"a": float(va[j]), "b": float(vb[j]), "a_minus_b": float(va[j] - vb[j]),
                        "a_minus_b_ci": report.interval(ra[:, j] - rb[:, j]),
                        "b_ci": (lo_b, hi_b), "a_within_b_ci": bool(lo_b <= va[j] <= hi_b)}
-      row["same_prediction_correctness"] = float(np.mean(ka == kb))
+      row["same_correctness"] = float(np.mean(np.concatenate(
+          [x[1] == y[1] for x, y in zip(ea, eb)])))
       out.setdefault(label, {})[m] = row
   return out
 
@@ -83,7 +89,8 @@ def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str) -> s
            f"a = {a_name}: `{a_path}`; b = {b_name}: `{b_path}`. "
            "Difference a - b with its 95% paired bootstrap interval (2,000 resamples of the "
            "evaluated examples, the same for both runs); 'in b's CI': whether a's value lies in "
-           "b's own 95% bootstrap interval. `same correct`: share of examples whose correctness "
+           "b's own 95% bootstrap interval. Out-of-domain: the mean over the tasks of each task's "
+           "value (bench.report's definition), each task's examples resampled. `same correct`: share of examples whose correctness "
            "is the same in both runs.", "",
            "Command: `python -m bench.precision_pair --a A --b B --out OUT` "
            "(module docstring).", ""]
@@ -99,7 +106,7 @@ def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str) -> s
         lo, hi = x["a_minus_b_ci"]
         cells += [f"{x['a']:.4f}", f"{x['b']:.4f}", f"{x['a_minus_b']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
                   "yes" if x["a_within_b_ci"] else "**no**"]
-      cells.append(f"{r['same_prediction_correctness']:.3f}")
+      cells.append(f"{r['same_correctness']:.3f}")
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
