@@ -88,9 +88,12 @@ def padding(overrides: dict[str, Any]) -> dict[str, Any]:
   """The padded share of each stage's batches for configs/demo.py with `overrides`."""
   from first_jax import config as config_lib, workspace
   cfg = config_lib.load_file(os.path.join(ROOT, CONFIG))
-  for key, value in overrides.items():
-    block, name = key.split(".")
-    cfg[block][name] = value
+  for key, value in overrides.items():  # dotted keys, any depth (`teacher.model.dtype`)
+    *path, name = key.split(".")
+    block = cfg
+    for part in path:
+      block = block[part]
+    block[name] = value
   tok = workspace.tokenizer(cfg)
   data = workspace.load_data(cfg, tok)
   train_N = data.splits["train"]

@@ -637,7 +637,9 @@ _MODEL_FIELDS = dict(
     tie_word_embeddings=Key(f"the output head shares the embedding matrix {_MODEL_DOC}", ()),
     attention_bias=Key(f"q/k/v projections with a bias {_MODEL_DOC}", ()),
     max_position_embeddings=Key(f"longest position the model supports {_MODEL_DOC}", (), lo=1),
-    dtype=Key("compute dtype (applies to pre-trained models too)", (),
+    dtype=Key("compute dtype of the matmuls: bfloat16 = bf16 operands accumulating in float32, "
+              "forward and backward, with norms, softmax, activations between matmuls, losses "
+              "and optimizer moments in float32 (applies to pre-trained models too)", (),
               choices=("float32", "bfloat16")),
     param_dtype=Key("parameter dtype (applies to pre-trained models too)", (),
                     choices=("float32", "bfloat16")),

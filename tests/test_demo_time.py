@@ -3,6 +3,7 @@ import os
 
 import ml_collections
 import numpy as np
+import pytest
 
 from bench import demo_time
 
@@ -51,3 +52,22 @@ def test_variants_are_flags_the_pipeline_accepts():
                          *demo_time.flags(demo_time.VARIANTS["before"])])
   assert cfg.finetune.length_buckets == cfg.distill.length_buckets == ()
   assert demo_time.flags(demo_time.VARIANTS["after"]) == []
+  f32 = config_lib.load(["--config", demo, *demo_time.flags(demo_time.VARIANTS["shipped_float32"])])
+  assert f32.teacher.model.dtype == f32.student.model.dtype == "float32"
+  shipped = config_lib.load(["--config", demo])
+  assert shipped.teacher.model.dtype == shipped.student.model.dtype == "bfloat16"
+
+
+def test_overrides_of_any_depth_reach_the_config(monkeypatch):
+  """`padding` applies a variant's overrides to the config it counts with (the float32
+  variant's keys are three deep)."""
+  seen = {}
+  from first_jax import workspace
+
+  def stop(cfg):
+    seen["cfg"] = cfg
+    raise RuntimeError("stop")
+  monkeypatch.setattr(workspace, "tokenizer", stop)
+  with pytest.raises(RuntimeError, match="stop"):
+    demo_time.padding(demo_time.VARIANTS["shipped_float32"])
+  assert seen["cfg"].teacher.model.dtype == "float32"
