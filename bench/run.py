@@ -344,8 +344,10 @@ class Context:
     from first_jax import models
 
     def build():
-      log(f"loading {self.s.model} into first_jax (compute dtype {self.s.dtype})")
-      return models.load_pretrained(self.source_path(), dtype=self.s.dtype, mesh=self.mesh)
+      log(f"loading {self.s.model} into first_jax (float32 params, compute dtype "
+          f"{self.s.dtype})")
+      return models.load_pretrained(self.source_path(), dtype=self.s.dtype,
+                                    param_dtype="float32", mesh=self.mesh)
     return self._once("load_first_jax", build)
 
   @property
@@ -537,8 +539,9 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
   b, l, k = s.batch, s.length, s.k
   ids = ctx.windows(0, b, l)
   mask = np.ones((b, l), np.int32)
-  params = ctx.model.params
-  fn, how = topk_program(ctx.model.module, params, k, ctx.mesh)
+  frozen = ctx.model.for_inference()  # as extract.run: kernels cast to the compute dtype once
+  params = frozen.params
+  fn, how = topk_program(frozen.module, params, k, ctx.mesh)
   batch_sh = sharding.batch_sharding(ctx.mesh)
   tmodel = ctx.torch_model
   ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
