@@ -29,14 +29,9 @@ def get_config(arg: str = ""):
   c.data.num_examples = 5500  # train 2200 / validation 1100 / test 2200
   c.data.validation, c.data.test = 0.2, 0.4
   c.data.num_ood_examples = 500
-  c.finetune.epochs = 3
-  c.distill.epochs = 3
-  c.distill.seed = student_seed
-  c.distill.temperature_mode = "log_space"
-  c.calibrate.mode = "log_space"
+  config_lib.trust_regime(c, student_seed)
   c.finetune.length_buckets = ()  # the teacher as fine-tuned for docs/results/teacher/
   c.distill.length_buckets = (64, 80, 96)  # students: batches of similar length, less padding
-  c.calibrate.require_premise = True  # no students from a teacher that is not over-confident
   # Seeds >= 1 train the rows the goal compares and kd (sft+ts and first+ts are post-hoc fits of
   # sft and first), so that a seed fits a 3-hour session on 2 cores. Seed 0 also trains the label
   # smoothing baselines and sft@1 / sft@2, whose validation NLL chooses the SFT epoch count

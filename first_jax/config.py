@@ -414,6 +414,18 @@ def model_block(**fields: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(base)
 
 
+def trust_regime(c: ml_collections.ConfigDict, student_seed: int,
+                 epochs: int = 3) -> ml_collections.ConfigDict:
+  """The trust studies' shared recipe (configs/trust*.py): teacher and every student `epochs`
+  epochs (matched budget), students' batch order from `student_seed`, FIRST and the search in
+  log space (t = 1 is the teacher as it is), no students from a teacher that fails the premise."""
+  c.finetune.epochs = c.distill.epochs = epochs
+  c.distill.seed = student_seed
+  c.distill.temperature_mode = c.calibrate.mode = "log_space"
+  c.calibrate.require_premise = True
+  return c
+
+
 def paper_scale(name: str, teacher: str, student: str, teacher_model: ml_collections.ConfigDict,
                 student_model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper's setting for a pre-trained teacher/student pair of local HF folders (`teacher`,
