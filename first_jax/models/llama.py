@@ -6,6 +6,11 @@ F MLP width.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`, plus `layers` when scanned) that `first_jax.sharding` maps onto a mesh.
+
+Precision: `config.dtype` is the matmuls' operand dtype; every matmul accumulates in float32,
+forward and backward (`precision.einsum`), and everything between the matmuls (residual
+stream, norms, RoPE, softmax, SiLU) and the logits are float32. `config.param_dtype` is the
+stored weights'.
 """
 from __future__ import annotations
 
@@ -46,9 +51,9 @@ class Linear(nn.Module):
   """y = x @ kernel (+ bias), contracting x's last len(in_shape) axes; kernel is in+out shaped.
 
   Mixed precision: the operands in the compute `dtype`, the products accumulated in float32
-  (`preferred_element_type`), the bias added in float32, the result cast to `dtype` once; the
-  backward pass likewise (`precision.einsum`). At float32 this is the plain matmul; at bfloat16
-  it is what the hardware runs fast (XLA:CPU's AMX / AVX512-BF16 path, TPU MXU, GPU tensor
+  (`preferred_element_type`) in the forward and the backward pass (`precision.einsum`), the bias
+  added in float32; the result is float32, as every activation between matmuls. At float32 this
+  is the plain matmul; at bfloat16 it is what the hardware runs fast (XLA:CPU's AMX / AVX512-BF16 path, TPU MXU, GPU tensor
   cores all accumulate in float32; a bf16-result dot on XLA:CPU ran at float32 speed,
   docs/benchmarks.md)."""
 
@@ -74,10 +79,9 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, the statistics in float32 like transformers."""
+  """x / rms(x) * scale, in float32 like transformers (the next matmul casts its operand)."""
 
   eps: float
-  dtype: Any
   param_dtype: Any
 
   @nn.compact
@@ -176,8 +180,8 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, h_BxLxD, keep_BxLxM, cos_BxLxE, sin_BxLxE):
     c = self.config
-    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    norm = lambda name: RMSNorm(c.rms_norm_eps, dt, pdt, name=name)
+    pdt = jnp.dtype(c.param_dtype)
+    norm = lambda name: RMSNorm(c.rms_norm_eps, pdt, name=name)
     h_BxLxD = h_BxLxD + Attention(c, name="attn")(norm("attn_norm")(h_BxLxD), keep_BxLxM,
                                                   cos_BxLxE, sin_BxLxE)
     h_BxLxD = h_BxLxD + Mlp(c, name="mlp")(norm("mlp_norm")(h_BxLxD))
@@ -207,13 +211,13 @@ class Decoder(nn.Module):
       self.layers = stack(c)
     else:
       self.layers = [block(c) for _ in range(c.num_layers)]
-    self.final_norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.dtype), pdt)
+    self.final_norm = RMSNorm(c.rms_norm_eps, pdt)
     if not c.tie_word_embeddings:
       self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
           _fan_in_normal(1), ("embed", "vocab")), (c.hidden_size, c.vocab_size), pdt)
 
   def hidden(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None):
-    """Final-normed hidden states h_BxLxD (compute dtype)."""
+    """Final-normed hidden states h_BxLxD (float32; the head casts them to the compute dtype)."""
     c = self.config
     b, l = input_ids_BxL.shape
     if attention_mask_BxL is None:
