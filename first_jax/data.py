@@ -186,7 +186,7 @@ def encode_mc(examples: Sequence[MCExample], tok: Any, max_len: int, loss_on: st
   most = max(len(e.choices) for e in examples)
   n_c = num_choices or most
   if most > n_c:
-    raise UserError(f"data.num_choices: {n_c} is fewer than an example's {most} choices")
+    raise UserError(f"choices: {n_c} answer slots for an example with {most} choices")
   letter_ids = choice_token_ids(tok, n_c, letters, answer_prefix)
   fmt = dict(template=template, letters=letters, answer_prefix=answer_prefix, tok=tok,
              use_chat_template=use_chat_template)

@@ -291,6 +291,9 @@ def load_vader(domain: str, neutral_band: float = 0.5,
 # Multiple-choice questions list their options at the end of the last message, on lines
 # ("...\n\n A: more\n B: less") or inline ("... A: x; B: y; C: z.").
 _OPTION = re.compile(r"(?:^|(?<=\s))([A-Z])[:)]\s+")
+# ... or as lettered lines "A. x" (LogiQA), the last message ending in an "Answer:" cue.
+_LINE_OPTION = re.compile(r"(?m)^[ \t]*([A-Z])\.[ \t]*")
+_ANSWER_CUE = re.compile(r"\s*Answer:\s*$")
 
 
 def _read_evals(path: str | os.PathLike, bad: "_BadRecords"
@@ -331,8 +334,17 @@ def _read_evals(path: str | os.PathLike, bad: "_BadRecords"
 
 def _split_options(text: str) -> tuple[str, list[str]] | None:
   """"question A: x; B: y" -> ("question", ["x", "y"]): the last run of options A, B, ... at
-  the end of `text` (at least two), each stripped of its trailing ";", "," or "."."""
-  marks = list(_OPTION.finditer(text))
+  the end of `text` (at least two), each stripped of its trailing ";", "," or "."; failing
+  that, lettered lines "A. x" before an optional final "Answer:" (a choice repeating its own
+  letter, "A. A.x", loses the repeat)."""
+  found = _option_run(text, _OPTION)
+  if found is None:
+    found = _option_run(_ANSWER_CUE.sub("", text), _LINE_OPTION)
+  return found
+
+
+def _option_run(text: str, pattern: re.Pattern) -> tuple[str, list[str]] | None:
+  marks = list(pattern.finditer(text))
   for start in (i for i, m in enumerate(marks) if m.group(1) == "A"):
     run = [marks[start]]
     for m in marks[start + 1:]:
@@ -341,7 +353,8 @@ def _split_options(text: str) -> tuple[str, list[str]] | None:
     if len(run) < 2 or len(run) != len(marks) - start:
       continue  # an "A:" inside the question, or letters out of order: try the next "A:"
     ends = [m.start() for m in run[1:]] + [len(text)]
-    choices = [text[m.end():e].strip().rstrip(";,.").strip() for m, e in zip(run, ends)]
+    choices = [re.sub(rf"^{m.group(1)}\.\s*", "", text[m.end():e].strip()).rstrip(";,.").strip()
+               for m, e in zip(run, ends)]
     if all(choices):
       return text[:run[0].start()].strip(), choices
   return None

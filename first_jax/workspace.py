@@ -369,13 +369,14 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   """In-domain splits (recorded in data/split.json) and out-of-domain test sets, tokenized."""
   d = cfg.data
   examples, splits, record = _split(cfg)
-  num_choices = 0 if d.kind == "text" else max(len(ex.choices) for ex in examples)
+  ood_examples = {task: _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
+                  for task in d.ood_tasks}
+  # one answer width for every set: the most choices of any in-domain or out-of-domain question
+  num_choices = 0 if d.kind == "text" else max(
+      len(ex.choices) for exs in (examples, *ood_examples.values()) for ex in exs)
   encode = _encoder(cfg, tok, num_choices)
   arrays = {name: encode(exs) for name, exs in splits.items()}
-  ood = {}
-  for task in d.ood_tasks:
-    ood_examples = _subsample(_load_examples(cfg, task), d.num_ood_examples, cfg.seed)
-    ood[task] = encode(ood_examples)
+  ood = {task: encode(exs) for task, exs in ood_examples.items()}
   fp = _data_fingerprint(cfg, tok, examples)
   if jax.process_index() == 0:
     data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})

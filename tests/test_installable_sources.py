@@ -104,6 +104,24 @@ def test_load_evals_both_option_layouts_and_bad_lines(tmp_path, caplog):
     sources.load_evals(_evals_file(tmp_path, []))
 
 
+def test_load_evals_lettered_lines_with_an_answer_cue(tmp_path):
+  """LogiQA / FCC exam layout: options as "A. x" lines (LogiQA repeats the letter, "A. A.x"),
+  the last message ending in "Answer:"; a period inside a choice stays."""
+  lines = [
+      {"input": [{"role": "system", "content": "Choose."},
+                 {"role": "user", "content": "Passage: P. Question: which?\nA. A.Zhao drove.\n"
+                                             "B. B.Li sailed.\nC. C.Wang flew.\nAnswer:"}],
+       "ideal": "B"},
+      {"input": [{"role": "user", "content": "Which frequency?\nA. 18.068 MHz\nB. 18.1 MHz\n"}],
+       "ideal": "A"},
+      {"input": [{"role": "user", "content": "A. is not an option list\nAnswer:"}], "ideal": "A"},
+  ]
+  exs = sources.load_evals(_evals_file(tmp_path, lines), on_bad="skip")
+  assert [(e.input, e.choices, e.label) for e in exs] == [
+      ("Passage: P. Question: which?", ["Zhao drove", "Li sailed", "Wang flew"], 1),
+      ("Which frequency?", ["18.068 MHz", "18.1 MHz"], 0)]
+
+
 def test_bigbench_through_datasets_score_lists(tmp_path):
   """BIG-bench as the hub serves it (google/bigbench: inputs, multiple_choice_targets,
   multiple_choice_scores), read offline from a local file with the same columns."""
@@ -243,3 +261,29 @@ def test_configs_on_bigbench_stop_in_one_line_without_a_copy(tmp_path, monkeypat
   assert code == 2 and len(errors) == 1, errors
   assert "asset bigbench" in errors[0] and "FIRST_JAX_BIGBENCH" in errors[0]
   assert not (tmp_path / "wd").exists()
+
+
+def test_out_of_domain_tasks_with_more_choices_share_one_answer_width(tmp_path):
+  """A 2-choice in-domain task beside a 3-choice out-of-domain one (QuaRTz and SocialIQa in
+  configs/trust_evals.py): every set is encoded with the most choices of any question."""
+  import os
+  from first_jax import config as config_lib, workspace
+  rng = np.random.default_rng(11)
+  two = [{"input": [{"role": "user", "content": f"q{i} A: up B: down"}],
+          "ideal": "AB"[rng.integers(2)]} for i in range(40)]
+  three = [{"input": [{"role": "user", "content": f"s{i}? A: x; B: y; C: z."}],
+            "ideal": "ABC"[rng.integers(3)]} for i in range(12)]
+  (tmp_path / "in").mkdir()
+  (tmp_path / "ood").mkdir()
+  ind, ood = _evals_file(tmp_path / "in", two), _evals_file(tmp_path / "ood", three)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = config_lib.load(["--config", os.path.join(root, "configs", "smoke.py"),
+                         f"--config.workdir={tmp_path / 'w'}", "--config.data.source=evals",
+                         f"--config.data.task={ind}", f"--config.data.ood_tasks=('{ood}',)",
+                         "--config.data.num_examples=40", "--config.data.num_ood_examples=12"])
+  d = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  assert d.num_choices == 3
+  for arrays in (*d.splits.values(), *d.ood.values()):
+    assert arrays["choice_ids"].shape[-1] == 3
+  assert (d.splits["train"]["choice_ids"][:, 2] < 0).all()  # the in-domain third slot is padding
+  assert sorted(set(d.ood[str(ood)]["label"].tolist())) == [0, 1, 2]
