@@ -339,11 +339,12 @@ def _split_options(text: str) -> tuple[str, list[str]] | None:
   letter, "A. A.x", loses the repeat)."""
   found = _option_run(text, _OPTION)
   if found is None:
-    found = _option_run(_ANSWER_CUE.sub("", text), _LINE_OPTION)
+    found = _option_run(_ANSWER_CUE.sub("", text), _LINE_OPTION, repeated_letter=True)
   return found
 
 
-def _option_run(text: str, pattern: re.Pattern) -> tuple[str, list[str]] | None:
+def _option_run(text: str, pattern: re.Pattern, repeated_letter: bool = False
+                ) -> tuple[str, list[str]] | None:
   marks = list(pattern.finditer(text))
   for start in (i for i, m in enumerate(marks) if m.group(1) == "A"):
     run = [marks[start]]
@@ -353,8 +354,10 @@ def _option_run(text: str, pattern: re.Pattern) -> tuple[str, list[str]] | None:
     if len(run) < 2 or len(run) != len(marks) - start:
       continue  # an "A:" inside the question, or letters out of order: try the next "A:"
     ends = [m.start() for m in run[1:]] + [len(text)]
-    choices = [re.sub(rf"^{m.group(1)}\.\s*", "", text[m.end():e].strip()).rstrip(";,.").strip()
-               for m, e in zip(run, ends)]
+    choices = [text[m.end():e].strip() for m, e in zip(run, ends)]
+    if repeated_letter:  # "A. A.Zhao" -> "Zhao"
+      choices = [re.sub(rf"^{m.group(1)}\.\s*", "", c) for m, c in zip(run, choices)]
+    choices = [c.rstrip(";,.").strip() for c in choices]
     if all(choices):
       return text[:run[0].start()].strip(), choices
   return None
