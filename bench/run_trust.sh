@@ -13,16 +13,30 @@
 # >= 1 then run `train` and `evaluate` only, so their reports have no fine-tuned-teacher row (its
 # scores do not depend on the student seed: seed 0 reports it).
 # Extra stage flags: TRUST_FLAGS="--config.x=y".
+# The study: TRUST_STUDY unset is the first one (configs/trust.py, multiemo: docs/results.md,
+# docs/results/summary.json, docs/results/teacher/); TRUST_STUDY=vader or evals runs
+# configs/trust_<study>.py into docs/results_<study>.md, docs/results/<study>/summary.json and
+# docs/results/<study>/teacher/ (issue 25).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bundle=docs/results/teacher
-teacher_wd=workdir/trust/seed0
+study=${TRUST_STUDY:-}
+if [ -z "$study" ]; then
+  config=configs/trust.py name=results bundle=docs/results/teacher
+  summary=docs/results/summary.json wd_root=workdir/trust
+  title="trust study: FIRST with an over-confident teacher"
+else
+  config=configs/trust_$study.py name=results_$study bundle=docs/results/$study/teacher
+  summary=docs/results/$study/summary.json wd_root=workdir/trust_$study
+  title="trust study on $study: FIRST with an over-confident teacher"
+fi
+[ -f "$config" ] || { echo "TRUST_STUDY=$study: no $config" >&2; exit 2; }
+teacher_wd=$wd_root/seed0
 
 run_stage() {  # stage seed: runs one stage, adds its seconds to the workdir's timings.json
   local t0=$SECONDS
   # shellcheck disable=SC2086
-  python -m "first_jax.$1" --config "configs/trust.py:seed=$2" ${TRUST_FLAGS:-}
-  python - "workdir/trust/seed$2/timings.json" "$1" "$((SECONDS - t0))" <<'PY'
+  python -m "first_jax.$1" --config "$config:seed=$2" ${TRUST_FLAGS:-}
+  python - "$wd_root/seed$2/timings.json" "$1" "$((SECONDS - t0))" <<'PY'
 import json, os, sys
 path, stage, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = json.load(open(path)) if os.path.exists(path) else {}
@@ -34,9 +48,9 @@ PY
 }
 
 report() {  # wd: collects the seed's record and rebuilds the aggregate report
-  python bench/report.py --runs "$1" --out docs --name results \
-    --summary docs/results/summary.json --config-name configs/trust.py \
-    --title "trust study: FIRST with an over-confident teacher"
+  mkdir -p "$(dirname "$summary")"
+  python bench/report.py --runs "$1" --out docs --name "$name" \
+    --summary "$summary" --config-name "$config" --title "$title"
 }
 
 for s in "${@:-0}"; do
@@ -48,10 +62,10 @@ for s in "${@:-0}"; do
     rm -rf "$bundle" && mv "$bundle.tmp" "$bundle"
     continue
   fi
-  wd="workdir/trust/seed$s"
+  wd="$wd_root/seed$s"
   if [ "$s" = 0 ]; then
     # shellcheck disable=SC2086
-    python -m first_jax.pipeline --config "configs/trust.py:seed=0" ${TRUST_FLAGS:-}
+    python -m first_jax.pipeline --config "$config:seed=0" ${TRUST_FLAGS:-}
   else
     mkdir -p "$wd/eval/scores"
     [ -e "$wd/store" ] || cp -r "$bundle/store" "$wd/store"
