@@ -1,7 +1,7 @@
 """The same seed's run at two precisions, paired example by example (issue 23).
 
-    python -m bench.precision_pair --a workdir/bench_demo/shipped \
-        --b docs/results/results_demo_seed0.json --a-name bfloat16 --b-name float32 \
+    python -m bench.precision_pair --a docs/results/results_demo_seed0.json \
+        --b docs/results/results_demo_float32_seed0.json --a-name bfloat16 --b-name float32 \
         --out docs/results_demo_precision
 
 Both runs are the same job on the same split (the seed fixes the subsample, the split and the
@@ -84,7 +84,8 @@ def compare(a: dict, b: dict, num_bootstrap: int = 2000, seed: int = 0) -> dict[
   return out
 
 
-def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str) -> str:
+def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str,
+             command: str = "python -m bench.precision_pair --a A --b B --out OUT") -> str:
   lines = [f"# The README job at {a_name} vs {b_name}: the same seed, paired", "",
            f"a = {a_name}: `{a_path}`; b = {b_name}: `{b_path}`. "
            "Difference a - b with its 95% paired bootstrap interval (2,000 resamples of the "
@@ -92,8 +93,7 @@ def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str) -> s
            "b's own 95% bootstrap interval. Out-of-domain: the mean over the tasks of each task's "
            "value (bench.report's definition), each task's examples resampled. `same correct`: share of examples whose correctness "
            "is the same in both runs.", "",
-           "Command: `python -m bench.precision_pair --a A --b B --out OUT` "
-           "(module docstring).", ""]
+           f"Command: `{command}`.", ""]
   for label, rows in res.items():
     lines += [f"## {label}", "",
               f"| model | n | acc {a_name} | acc {b_name} | diff [95% CI] | in b's CI | "
@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
   payload = {"a": {"name": args.a_name, "path": args.a}, "b": {"name": args.b_name,
                                                              "path": args.b}, "paired": res}
   report.atomic_write(args.out + ".json", json.dumps(payload, indent=1) + "\n")
-  report.atomic_write(args.out + ".md", markdown(res, args.a_name, args.b_name, args.a, args.b))
-  print(markdown(res, args.a_name, args.b_name, args.a, args.b))
+  command = (f"python -m bench.precision_pair --a {args.a} --b {args.b} --a-name {args.a_name} "
+             f"--b-name {args.b_name} --out {args.out}")
+  text = markdown(res, args.a_name, args.b_name, args.a, args.b, command)
+  report.atomic_write(args.out + ".md", text)
+  print(text)
   return payload
 
 
