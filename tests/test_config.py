@@ -156,9 +156,14 @@ def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
     config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,64)"])
 
 
-def test_trust_config_shares_one_teacher_across_student_seeds():
+@pytest.mark.parametrize("name,bundle,test_n,val_n", [
+    ("trust.py", "teacher", 2000, 1000),  # the first study (multiemo)
+    ("trust_vader.py", "vader/teacher", 1500, 500),  # issue 25's sizes
+    ("trust_evals.py", None, 1000, 500),  # no teacher bundle yet
+])
+def test_trust_config_shares_one_teacher_across_student_seeds(name, bundle, test_n, val_n):
   from first_jax import train, workspace
-  path = os.path.join(ROOT, "configs", "trust.py")
+  path = os.path.join(ROOT, "configs", name)
   a = config_lib.load(["--config", path + ":seed=0"])
   b = config_lib.load(["--config", path + ":seed=2"])
   assert (a.seed, b.seed, a.distill.seed, b.distill.seed) == (0, 0, 0, 2)
@@ -168,14 +173,18 @@ def test_trust_config_shares_one_teacher_across_student_seeds():
   # ... and the store committed in docs/results/teacher/ is that teacher's: a config change that
   # moved this fingerprint (e.g. demo.py's fine-tuning buckets reaching trust.py) would make
   # every student seed fine-tune the teacher again
-  with open(os.path.join(ROOT, "docs", "results", "teacher", "store", "manifest.json")) as f:
-    assert json.load(f)["teacher"]["fingerprint"] == workspace.teacher_fingerprint(b)
+  if bundle:
+    with open(os.path.join(ROOT, "docs", "results", bundle, "store", "manifest.json")) as f:
+      manifest = json.load(f)
+    assert manifest["teacher"]["fingerprint"] == workspace.teacher_fingerprint(b)
+    assert manifest["calibration"]["premise"]["holds"]  # the bundle's teacher is in the regime
   va, vb = (train.parse_variant("first", c) for c in (a, b))
   assert train.variant_fingerprint(a, va, 1.5) != train.variant_fingerprint(b, vb, 1.5)
   assert train.student_seed(a) == 0 and train.student_seed(b) == 2
   assert a.calibrate.require_premise and a.evaluate.scoring == "choices"
   n = a.data.num_examples
-  assert n * a.data.test >= 2000 and n * a.data.validation >= 1000
+  assert n * a.data.test >= test_n and n * a.data.validation >= val_n
+  assert (a.finetune.epochs, a.distill.epochs, a.distill.temperature_mode) == (3, 3, "log_space")
   assert a.data.num_ood_examples >= 500 and len(a.data.ood_tasks) >= 1
   train.run_checks(a)
 
