@@ -27,7 +27,8 @@ def get_config(arg: str = ""):
   full = args.get("full", "0") == "1"
   c = config_lib.base()
   c.seed = int(args.get("seed", 0))
-  suffix = "" if args.get("dtype", "bfloat16") == "bfloat16" else "_" + args["dtype"]
+  dtype = args.get("dtype", "bfloat16")
+  suffix = "" if dtype == "bfloat16" else f"_{dtype}"
   c.workdir = f"workdir/{'demo_full' if full else 'demo'}{suffix}/seed{c.seed}"
   c.tokenizer = "smollm2"
   c.data.source = "vader"
@@ -39,7 +40,6 @@ def get_config(arg: str = ""):
   c.data.num_ood_examples = 200 if full else 100
   c.data.max_len = 96
   c.data.shuffle_choices = False  # a fixed label set: A) negative B) neutral C) positive
-  dtype = args.get("dtype", "bfloat16")
   c.teacher.model.dtype = c.student.model.dtype = dtype
   c.teacher.init = "pretrained"
   c.teacher.path = "smollm2"

@@ -33,24 +33,29 @@ def _terms(spec: str) -> tuple[str, str, str]:
   return a, b, out
 
 
+def _contract(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+  """`spec` on the operands cast to `dtype` (a no-op where they already are), float32 result."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _einsum_lowp(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return _contract(spec, a, b, dtype)
 
 
 def _fwd(spec, a, b, dtype):
   a_lo, b_lo = a.astype(dtype), b.astype(dtype)
-  out = jnp.einsum(spec, a_lo, b_lo, preferred_element_type=jnp.float32)
   # the residuals in the compute dtype; the zero-size arrays carry the inputs' dtypes
-  return out, (a_lo, b_lo, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+  return _contract(spec, a_lo, b_lo, dtype), (a_lo, b_lo, jnp.zeros((0,), a.dtype),
+                                              jnp.zeros((0,), b.dtype))
 
 
 def _bwd(spec, dtype, res, g):
   a_lo, b_lo, a_dt, b_dt = res
   ta, tb, to = _terms(spec)
-  g_lo = g.astype(dtype)
-  da = jnp.einsum(f"{to},{tb}->{ta}", g_lo, b_lo, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{ta},{to}->{tb}", a_lo, g_lo, preferred_element_type=jnp.float32)
+  g_lo = g.astype(dtype)  # the float32 cotangent cast once, used by both contractions
+  da = _contract(f"{to},{tb}->{ta}", g_lo, b_lo, dtype)
+  db = _contract(f"{ta},{to}->{tb}", a_lo, g_lo, dtype)
   return da.astype(a_dt.dtype), db.astype(b_dt.dtype)
 
 
@@ -63,6 +68,5 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
   _terms(spec)
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float32:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return _contract(spec, a, b, dtype)
   return _einsum_lowp(spec, a, b, dtype)
