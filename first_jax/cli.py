@@ -120,9 +120,9 @@ def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None,
     sys.stdout.write(stage_help(stage, prog, purpose))
     return 0
   log.setup()
-  preemption.install()
   try:
     distributed.initialize()  # before the config: validation counts the global devices
+    preemption.install()  # after it: on many hosts JAX's preemption service takes SIGTERM
     if distributed.process_info()[1] > 1:
       distributed.log_topology()  # each process's devices, so a bad launch shows at once
     cfg = config_lib.load(argv)

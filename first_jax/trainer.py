@@ -170,11 +170,12 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
           writer.write(done, scalars)
           last_loss = scalars.get(f"{name}/loss")
           bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "?")
+        stop = preemption.stop_agreed(done)  # the same answer on every host at this step
         if done % every_steps == 0 or done == total_steps:
           ckpt.save(done, state, batches.state(), loss=last_loss, force=done == total_steps)
-        elif preemption.requested():  # SIGTERM: a checkpoint at this step, then stop
+        elif stop:  # SIGTERM: a checkpoint at this step (every host together), then stop
           ckpt.save(done, state, batches.state(), loss=last_loss, force=True)
-        if preemption.requested():
+        if stop:
           raise preemption.Preempted(f"{name}: stopped at step {done} (checkpoint saved)")
     finally:  # also on Ctrl-C: let an in-flight async save finish so the checkpoint is whole
       bar.close()
