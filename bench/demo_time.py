@@ -53,7 +53,7 @@ def _share(real: int, cells: int) -> dict[str, Any]:
 def _train_share(arrays: dict, optim, seed: int) -> dict[str, Any]:
   """Padded share of every training batch of a run (all epochs), as trainer.train_model
   batches: shuffled, remainder dropped, trimmed to its buckets."""
-  from first_jax import data as data_lib
+  from first_jax.data import batches as data_lib
   it = data_lib.BatchIterator({"input_ids": arrays["input_ids"],
                                "attention_mask": arrays["attention_mask"]},
                               optim.batch_size, seed=seed, shuffle=True, drop_remainder=True,
@@ -70,7 +70,7 @@ def _scored_share(sets: list[dict], batch_size: int, buckets: tuple[int, ...],
                   shortest_first: bool) -> dict[str, Any]:
   """Padded share of scoring every row of `sets` as infer.map_rows batches them (in order or
   shortest first, the last batch filled with copies, each batch trimmed to `buckets`)."""
-  from first_jax import data as data_lib
+  from first_jax.data import batches as data_lib
   real = cells = 0
   for arrays in sets:
     mask = arrays["attention_mask"]
@@ -86,7 +86,8 @@ def _scored_share(sets: list[dict], batch_size: int, buckets: tuple[int, ...],
 
 def padding(overrides: dict[str, Any]) -> dict[str, Any]:
   """The padded share of each stage's batches for configs/demo.py with `overrides`."""
-  from first_jax import config as config_lib, workspace
+  from first_jax import config as config_lib
+  from first_jax.engine import workspace
   cfg = config_lib.load_file(os.path.join(ROOT, CONFIG))
   for key, value in overrides.items():  # dotted keys, any depth (`teacher.model.dtype`)
     *path, name = key.split(".")

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from first_jax import losses, topk
+from first_jax.core import losses, topk
 
 
 def temps(fn, *shapes) -> float:

@@ -136,7 +136,8 @@ def main(argv=None) -> int:
   import jax
   import torch
   from bench import baselines_torch
-  from first_jax import sharding, step
+  from first_jax.runtime import sharding
+  from first_jax.core import step
   s = Settings(mode="full", **{**MODES["full"], "batch": a.batch, "length": a.length,
                                "model": a.model, "text": a.text,
                                "dtype": a.dtype})
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
   try:
     batch, opt, tx = step_inputs(ctx, s)  # as bench.run's step section
     state, step_fn, _ = compile_train_step(ctx.model.module, ctx.model.params,
-                                           step.LossSpec(kind="ce"), tx, ctx.mesh, s.seed)
+                                           step.LossSpec(kind="ce"), tx, ctx.mesh)
     bsh = sharding.batch_sharding(ctx.mesh)
     hold = {"state": state}
     del state

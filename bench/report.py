@@ -19,7 +19,7 @@ Step 2 (aggregate) reads every seed record <out>/results/<name>_<tag>.json prese
 collected by earlier sessions count too) and writes <out>/<name>.md, the compact table
 <out>/results/<name>_headline.md and, with --summary, a machine-readable summary JSON.
 
-Headline metrics (accuracy, ECE with 10 equal-width bins as first_jax.calibration.ece) are
+Headline metrics (accuracy, ECE with 10 equal-width bins as first_jax.core.calibration.ece) are
 recomputed from the events. The point estimate is the mean over seeds; the 95% interval is a
 two-level bootstrap (resample the seeds, then the examples within each seed and set, with one
 index draw shared by every row so that differences between rows are paired). The goal check
@@ -36,6 +36,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+from first_jax.core import calibration
 
 ORDER = ("teacher_pretrained", "teacher", "sft", "sft+ts", "sft@val", "sft_ls", "sft_ls-choices",
          "kd", "first", "first+ts")
@@ -151,13 +153,13 @@ def load_seeds(out: str, name: str) -> list[dict]:
 # ----------------------------------------------------------------------------- metrics
 
 def bin_index(confidence, num_bins: int = NUM_BINS) -> np.ndarray:
-  """Equal-width bin of each confidence, as first_jax.calibration: (e_m, e_{m+1}] in float32."""
-  edges = (np.arange(1, num_bins) / num_bins).astype(np.float32)
-  return np.searchsorted(edges, np.asarray(confidence, np.float32), side="left")
+  """Equal-width bin of each confidence: the evaluation's own (`calibration.bin_index`)."""
+  return np.asarray(calibration.bin_index(np.asarray(confidence, np.float32), num_bins))
 
 
 def ece(confidence, correct, num_bins: int = NUM_BINS) -> float:
-  """Expected calibration error: sum over bins |sum(conf - correct)| / n."""
+  """Expected calibration error over `bin_index`'s bins: sum over bins |sum(conf - correct)| / n,
+  summed in float64 (the form the bootstrap's weighted sums take, see `set_columns`)."""
   conf = np.asarray(confidence, np.float64)
   diff = conf - np.asarray(correct, np.float64)
   sums = np.bincount(bin_index(conf, num_bins), weights=diff, minlength=num_bins)
@@ -669,7 +671,7 @@ def render(summary: dict, seeds: list[dict], title: str, name: str, out: str,
       f"calibration), {n['test']} in-domain test {unit}, out-of-domain {ood}. Scoring "
       f"`{scoring}`: {SCORING_TEXT.get(scoring, scoring)}. Accuracy and ECE are recomputed from "
       f"the per-example events; ECE uses 10 equal-width bins (bin m holds confidences in "
-      f"(m/10, (m+1)/10], float32 edges, as first_jax.calibration.ece); OOD = mean over the "
+      f"(m/10, (m+1)/10], float32 edges, as first_jax.core.calibration.ece); OOD = mean over the "
       f"out-of-domain tasks. Each cell is the mean over seeds [95% interval]: a two-level "
       f"bootstrap, {B} replicates (numpy seed 0), resampling the seeds with replacement "
       f"(when there are several) and then the examples of each set within each drawn seed, with "

@@ -10,7 +10,7 @@ the median and the spread (min, max, quartiles), the CPU model, core count, libr
 date, git commit and the exact shapes. Ratios measured in one run are the figures to quote.
 
 Sections (each a function `ctx, settings -> dict`):
-  store        bytes per stored token at k=5 for V = 49,152 and 151,936 (first_jax.store's
+  store        bytes per stored token at k=5 for V = 49,152 and 151,936 (first_jax.data.store's
                StoreSpec arithmetic) vs the reference code's JSONL (measured: real top-5 values
                json-dumped as it does) and vs dense bf16 logits (2V B/position); bytes per
                multiple-choice example (L=96, one scored position) vs storing every position;
@@ -276,7 +276,7 @@ def one_device_mesh():
   """A (data, fsdp, tensor) = (1, 1, 1) mesh on the first device (the benchmarks are
   single-device)."""
   import jax
-  from first_jax import sharding
+  from first_jax.runtime import sharding
   return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
@@ -288,16 +288,16 @@ def apply_fn(module) -> Callable:
 def topk_program(module, params, k: int, mesh) -> tuple[Callable, str]:
   """first_jax's extraction program at all positions, `fn(params, batch) -> {teacher_*}`, and
   the call that built it."""
-  from first_jax import infer
+  from first_jax.engine import infer
   return (infer.topk_program(module, params, k, False, mesh),
           "infer.topk_program(module, params, k, answer_only=False, mesh)")
 
 
-def compile_train_step(module, params, spec, tx, mesh, seed: int) -> tuple[Any, Callable, str]:
+def compile_train_step(module, params, spec, tx, mesh) -> tuple[Any, Callable, str]:
   """(initial state, jitted step, how): the state and step as training builds them."""
-  from first_jax import sharding, trainer
-  state, fn = trainer.compile_step(module, params, spec, tx, mesh, sharding.batch_sharding(mesh),
-                                   seed=seed)
+  from first_jax.runtime import sharding
+  from first_jax.engine import trainer
+  state, fn = trainer.compile_step(module, params, spec, tx, mesh, sharding.batch_sharding(mesh))
   return state, fn, "trainer.compile_step(module, params, spec, tx, mesh, batch_sharding)"
 
 
@@ -333,7 +333,8 @@ class Context:
     return self._cache[key]
 
   def source_path(self) -> str:
-    from first_jax import assets, config as config_lib
+    from first_jax.data import assets
+    from first_jax import config as config_lib
     m = self.s.model
     return str(assets.fetch(m)) if m in config_lib.MODEL_ASSETS else m
 
@@ -379,7 +380,7 @@ class Context:
       if s.text == "random":
         self._cache["text_source"] = "random ids (seeded)"
         return np.random.default_rng(s.seed).integers(0, vocab, 1 << 16).astype(np.int32)
-      from first_jax import assets, tokenizer as tokenizer_lib
+      from first_jax.data import assets, tokenizer as tokenizer_lib
       tok = tokenizer_lib.load(self.source_path())
       text, source = EMBEDDED_TEXT, "embedded paragraph (bench/run.py), repeated"
       if s.text == "botchan":
@@ -441,8 +442,8 @@ class Context:
 
 
 def store_arithmetic(k: int = 5, vocabs=STORE_VOCABS, layouts=None) -> dict[str, Any]:
-  """Store sizes from first_jax.store's own StoreSpec (no data needed)."""
-  from first_jax import store
+  """Store sizes from first_jax.data.store's own StoreSpec (no data needed)."""
+  from first_jax.data import store
   layouts = layouts or STORE_LAYOUTS
   out = {}
   for v in vocabs:
@@ -463,7 +464,7 @@ def _mass_share(ctx: Context, s: Settings) -> tuple[dict[str, Any], np.ndarray, 
   Returns (the share summary, the top-`s.k` ids [N, L, k], their log-probs [N, L, k]).
   """
   import jax
-  from first_jax import sharding
+  from first_jax.runtime import sharding
   params, module = ctx.model.params, ctx.model.module
   fn, _ = topk_program(module, params, s.mass_k, ctx.mesh)
   lps, ids = [], []
@@ -535,7 +536,7 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
   import torch
   from bench import baselines_torch
-  from first_jax import sharding
+  from first_jax.runtime import sharding
   b, l, k = s.batch, s.length, s.k
   ids = ctx.windows(0, b, l)
   mask = np.ones((b, l), np.int32)
@@ -583,7 +584,8 @@ def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
   import torch
   from bench import baselines_torch
-  from first_jax import step, store
+  from first_jax.core import step
+  from first_jax.data import store
   b, l, k = s.batch, s.length, s.k
   v = ctx.model.config.vocab_size
   ids = ctx.windows(0, b, l)
@@ -648,7 +650,7 @@ def section_postforward(ctx: Context, s: Settings) -> dict[str, Any]:
 def step_inputs(ctx: Context, s: Settings) -> tuple[dict[str, np.ndarray], dict, Any]:
   """The [B, L] cross-entropy batch of text windows, the AdamW settings, and first_jax's
   optimizer as trainer.train_model builds it (constant lr: no warmup, a long decay)."""
-  from first_jax import step
+  from first_jax.core import step
   b, l = s.batch, s.length
   w = ctx.windows(0, b, l + 1)  # L + 1 tokens: inputs and their next tokens
   batch = {"input_ids": w[:, :-1].copy(), "attention_mask": np.ones((b, l), np.int32),
@@ -669,13 +671,15 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
   import torch
   from bench import baselines_torch
-  from first_jax import models, sharding, step
+  from first_jax import models
+  from first_jax.runtime import sharding
+  from first_jax.core import step
   b, l = s.batch, s.length
   peak = ctx.peak()  # before the big allocations
   batch, opt, tx = step_inputs(ctx, s)
   params = params_copy(ctx)  # the state is donated
   state, step_fn, how = compile_train_step(ctx.model.module, params, step.LossSpec(kind="ce"),
-                                           tx, ctx.mesh, s.seed)
+                                           tx, ctx.mesh)
   del params
   batch_sh = sharding.batch_sharding(ctx.mesh)
   holder: dict[str, Any] = {"state": state, "loss": []}
@@ -704,7 +708,7 @@ def section_step(ctx: Context, s: Settings) -> dict[str, Any]:
   plain_fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
       ctx.model.module), teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx),
       donate_argnums=0)
-  plain_holder = {"state": step.init_state(params_copy(ctx), tx, seed=s.seed)}
+  plain_holder = {"state": step.init_state(params_copy(ctx), tx)}
 
   def first_jax_xla_default():
     st, metrics = plain_fn(plain_holder["state"], jax.device_put(batch, batch_sh), None)
@@ -758,7 +762,8 @@ def _kd_step(ctx: Context, s: Settings, batch: dict[str, np.ndarray], tx,
   its own after the ce-vs-torch comparison: the teacher's top-k of the batch (first_jax's
   extraction program on the same model) in the batch keys the store fills."""
   import jax
-  from first_jax import sharding, step
+  from first_jax.runtime import sharding
+  from first_jax.core import step
   b, l = batch["input_ids"].shape
   batch_sh = sharding.batch_sharding(ctx.mesh)
   fn, _ = topk_program(ctx.model.module, ctx.model.params, s.k, ctx.mesh)
@@ -771,7 +776,7 @@ def _kd_step(ctx: Context, s: Settings, batch: dict[str, np.ndarray], tx,
   spec = step.LossSpec(kind="topk_kd", k=s.k, tail="bucket", direction="forward",
                        temperature_mode="prob_softmax", num_bins=10)
   params = params_copy(ctx)
-  state, step_fn, how = compile_train_step(ctx.model.module, params, spec, tx, ctx.mesh, s.seed)
+  state, step_fn, how = compile_train_step(ctx.model.module, params, spec, tx, ctx.mesh)
   del params
   holder: dict[str, Any] = {"state": state, "loss": []}
   del state
@@ -834,13 +839,13 @@ def numpy_ece_curve(logprobs_NxK: np.ndarray, ids_NxK: np.ndarray, targets_N: np
   """The baseline: the ECE of every temperature with NumPy, as a user would write the search.
 
   A Python loop over the temperatures, each vectorised over the events: re-scale the top-k
-  (+ tail bin) as `first_jax.temperature.rescale` defines it (prob_softmax: softmax(p / t);
+  (+ tail bin) as `first_jax.core.temperature.rescale` defines it (prob_softmax: softmax(p / t);
   log_space: softmax(log p / t)), confidence = the re-scaled top-1, correct = top-1 id == gold,
-  10 equal-width bins (m/10, (m+1)/10] (first_jax.calibration), ECE = sum |conf - acc| W_m / W.
+  10 equal-width bins (m/10, (m+1)/10] (first_jax.core.calibration), ECE = sum |conf - acc| W_m / W.
   The bins axis is put first once ([K + 1, N]): NumPy's reductions over a short last axis are
   several times slower, and the baseline should not be handicapped by its layout.
   """
-  from first_jax.topk import TAIL_FLOOR  # the floor rescale applies to -inf log-probs
+  from first_jax.core.topk import TAIL_FLOOR
   lp_BxN = np.asarray(logprobs_NxK, np.float32).T
   if tail_N is not None:
     lp_BxN = np.concatenate([lp_BxN, np.asarray(tail_N, np.float32)[None, :]], 0)
@@ -862,7 +867,8 @@ def numpy_ece_curve(logprobs_NxK: np.ndarray, ids_NxK: np.ndarray, targets_N: np
 
 def section_search(ctx: Context, s: Settings) -> dict[str, Any]:
   import jax
-  from first_jax import temperature, xla_options
+  from first_jax.core import temperature
+  from first_jax.runtime import xla_options
   n, nt, mode, nb = s.search_events, s.search_temps, s.search_mode, 10
   ev = synthetic_events(n, s.k, STORE_VOCABS[-1], s.seed)
   coarse = temperature.default_grid(mode)
@@ -942,7 +948,7 @@ def naive_topk_kd(logits_NxV, ids_NxK, logprobs_NxK, tail_N, mask_N):
 
 def _loss_variants(chunk: int) -> dict[str, Callable]:
   """(logits [N, V], ids [N, K], logprobs [N, K], tail [N], mask [N]) -> (sum, count)."""
-  from first_jax import losses
+  from first_jax.core import losses
 
   def first_jax(vocab_chunk):
     return lambda x, ids, lp, tail, m: losses.topk_kd(

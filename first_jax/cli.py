@@ -9,6 +9,7 @@ starting a JAX backend.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import logging
@@ -16,9 +17,10 @@ import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
+from first_jax.runtime import distributed, log, preemption
+from first_jax.runtime.errors import UserError
 from first_jax import config as config_lib
-from first_jax import distributed, log, preemption, workspace
-from first_jax.errors import UserError
+from first_jax.engine import workspace
 
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate", "pipeline")
 _HELP = ("-h", "--help")
@@ -27,7 +29,7 @@ _WIDTH = 100
 
 def _docstring(stage: str) -> str:
   """The stage module's docstring, read from its source (nothing imported, no JAX)."""
-  spec = importlib.util.find_spec(f"first_jax.{stage}")
+  spec = importlib.util.find_spec(f"first_jax.stages.{stage}")
   if spec is None or not spec.origin:
     return ""
   with open(spec.origin, encoding="utf-8") as f:
@@ -150,8 +152,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"usage: first-jax {{{','.join(STAGES)}}} --config FILE [--config.key=value ...] "
           f"(first-jax --help lists the stages)", file=sys.stderr)
     sys.exit(2)
-  if _wants_help(argv[1:]):  # without importing the stage (and JAX)
-    sys.stdout.write(stage_help(argv[0], prog=f"first-jax {argv[0]}"))
-    sys.exit(0)
-  module = importlib.import_module(f"first_jax.{argv[0]}")
-  sys.exit(stage_main(module.run, argv[1:], prog=f"first-jax {argv[0]}"))
+  sys.exit(run_stage(argv[0], argv[1:], prog=f"first-jax {argv[0]}"))
+
+
+def run_stage(stage: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+  """`python -m first_jax.<stage>` (and `first-jax <stage>`): `stage_main` of
+  first_jax/stages/<stage>.py."""
+  if _wants_help(sys.argv[1:] if argv is None else argv):  # without importing JAX
+    sys.stdout.write(stage_help(stage, prog))
+    return 0
+  module = importlib.import_module(f"first_jax.stages.{stage}")
+  if stage == "pipeline":
+    return stage_main(module.run, argv, prog)
+  from first_jax.stages import base  # pylint: disable=import-outside-toplevel
+  return stage_main(functools.partial(base.execute, module.STAGE), argv, prog)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -404,14 +404,10 @@ def check_keys(cfg: ml_collections.ConfigDict) -> None:
 
 
 def model_block(**fields: Any) -> ml_collections.ConfigDict:
-  """A model architecture block (fields of first_jax.models.ModelConfig)."""
-  base = dict(model_type="llama", vocab_size=50257, hidden_size=64, intermediate_size=128,
-              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-              rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=False,
-              max_position_embeddings=2048, dtype="float32", param_dtype="float32",
-              remat=False, scan_layers=True)
-  base.update(fields)
-  return ml_collections.ConfigDict(base)
+  """A model architecture block (fields of first_jax.models.ModelConfig): the teacher's
+  defaults, with `fields` changed."""
+  return ml_collections.ConfigDict({**{n: k.default for n, k in _MODEL_FIELDS.items()},
+                                    **fields})
 
 
 def trust_regime(c: ml_collections.ConfigDict, student_seed: int,
@@ -456,109 +452,17 @@ def paper_scale(name: str, teacher: str, student: str, teacher_model: ml_collect
 
 
 def base() -> ml_collections.ConfigDict:
-  """Every key a stage reads, with its default. Experiment configs start here and override."""
+  """Every key a stage reads, with its default (`SCHEMA`). Experiment configs start here and
+  override."""
   c = ml_collections.ConfigDict()
-  c.workdir = "workdir/run"  # everything a run writes: one folder per stage
-  c.seed = 0
-  c.resume = True  # continue from the latest checkpoint / finished store shards
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
-  # A parameter dimension its mesh axes do not divide (e.g. 9 heads on tensor=2): error, or
-  # replicate it along that dimension (more memory per device, with a warning naming it).
-  c.mesh.on_indivisible = "error"
-  c.tokenizer = "gpt2"  # asset name (gpt2, smollm2), HF tokenizer dir, tokenizer.json or .gguf
-
-  c.data = ml_collections.ConfigDict(dict(
-      # choice: multiple choice, one answer-letter token scored; text: prompt/response pairs,
-      # every response token scored (instruction data, generative BIG-bench tasks, or a choice
-      # task phrased as text through `answer_template`)
-      kind="choice",
-      # synthetic | vader (embedded) | evals (PyPI `evals`) | bigbench (a local copy) | hf
-      source="synthetic",
-      # vader: a domain (tweets, movie_reviews, ...); evals: a data file of its registry (e.g.
-      # quartz/samples.jsonl); bigbench: a task name or task.json; hf: a file or a hub name
-      task="",
-      neutral_band=0.5,  # vader: a mean rating within +-this is neutral (also each rater's)
-      hf_split="train",  # for source=hf: the split read (our own splits are made from it)
-      hf_name="",  # for source=hf: the dataset's configuration (e.g. a BIG-bench task), "" none
-      hf_fields=ml_collections.ConfigDict(dict(input="question", choices="choices",
-                                               label="answer")),  # column names, for hf
-      # kind=text, source=hf: columns of the prompt, its optional context (joined after a blank
-      # line) and the response; the defaults read Alpaca-style JSONL as it is
-      text_fields=ml_collections.ConfigDict(dict(prompt="instruction", context="input",
-                                                 response="output")),
-      # kind=text: a choice example (BIG-bench target_scores, synthetic) becomes the response
-      # answer_template.format(answer=<gold choice text>), e.g. "Sentiment: {answer}"
-      answer_template="{answer}",
-      on_bad_example="error",  # kind=text: a record without prompt or response: error | skip
-      use_task_prefix=True,  # BIG-bench: put the task's task_prefix before each input
-      ood_tasks=(),  # evaluated out-of-domain (same source kind)
-      num_examples=0,  # 0: all; else a seeded subsample of the in-domain task
-      num_ood_examples=0,  # per out-of-domain task, 0: all
-      validation=0.1, test=0.2,  # split fractions (train is the rest); disjoint, recorded
-      max_len=64,  # one padded length, so each step compiles once
-      loss_on="response",  # response (text2text) | all (text-only)
-      use_chat_template=False,
-      shuffle_choices=True,  # BIG-bench lists the gold choice first; keep False for fixed label sets
-      synthetic_size=600,
-      synthetic_kind="numbers",  # numbers | categories (see first_jax.sources.synthetic_mcqa)
-  ))
-  c.teacher = ml_collections.ConfigDict(dict(
-      init="random",  # random | pretrained
-      path="",  # HF dir, .gguf or asset name, for init=pretrained
-      model=model_block(),
-  ))
-  c.student = ml_collections.ConfigDict(dict(
-      init="random",  # random | pretrained | layer_subset (of the PRE-TRAINED teacher)
-      path="",
-      layers=(),  # for layer_subset: teacher layer indices kept
-      model=model_block(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
-  ))
-  optim = dict(lr=1e-3, epochs=1, batch_size=8, grad_accum=1, warmup_ratio=0.03,
-               weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  c.finetune = ml_collections.ConfigDict(dict(optim, label_smoothing=0.0, length_buckets=()))
-  c.distill = ml_collections.ConfigDict(dict(
-      optim,
-      mode="offline",  # offline: targets from the store; online: teacher inside the step
-      tail="bucket",  # bucket (k+1-th bin for the tail) | renormalize
-      direction="forward",  # forward | reverse | jsd
-      temperature="calibrated",  # calibrated (from the store manifest) | search (online) | a number
-      temperature_mode="prob_softmax",  # prob_softmax (paper) | log_space
-      temperature_ema=0.0,  # smoothing of the in-step searched temperature over steps
-      search_events=1024,  # online search: events kept from the latest steps (a ring buffer)
-      search_min_events=256,  # online search: the start temperature is kept until this many
-      label_smoothing=0.1,  # of the sft_ls student baseline
-      seed=-1,  # students' batch order; -1: config.seed (>= 0: student seeds over one teacher)
-      # Batch rows of similar length together and cut each batch's padding to the smallest of
-      # these lengths holding it (one compile each); (): every batch at data.max_len. Also cuts
-      # the padding of evaluation batches (rows scored shortest first).
-      length_buckets=(),
-  ))
-  c.extract = ml_collections.ConfigDict(dict(
-      k=5, logprob_dtype="float16", batch_size=16, shard_size=256))
-  c.calibrate = ml_collections.ConfigDict(dict(
-      mode="prob_softmax", num_bins=10, refine=True,
-      require_premise=False,  # stop before the students if the teacher is not over-confident
-  ))
-  c.evaluate = ml_collections.ConfigDict(dict(
-      batch_size=32, num_bins=(10, 15),
-      # What confidence and correctness mean, in the temperature search, the post-hoc scaling
-      # fits and the headline metrics alike: choices = softmax over the answer letters
-      # (lm-eval style); vocab = the full-vocabulary top-1 (FIRST's reference code).
-      scoring="choices",
-      post_hoc=("sft", "first"),  # students also reported with post-hoc temperature scaling
-      models=(),  # extra HF model dirs / .gguf files to evaluate beside the workdir's models
-      # data.kind=text: BIG-bench multiple-choice tasks also evaluated, each choice scored by
-      # the log-likelihood of its text (data.answer_template) after the prompt
-      choice_tasks=(),
-      # data.kind=text: post-hoc temperatures are chosen on this log-spaced grid (exact token NLL)
-      post_hoc_grid=(0.25, 4.0, 33),
-  ))
-  # after_done: what a finished training run keeps of its checkpoints (its export holds the
-  # weights): none, the last step (with optimizer state, to continue training), or all
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, after_done="none"))
-  c.log_every_steps = 10
-  # Student variants the pipeline trains and evaluates (see first_jax/pipeline.py).
-  c.students = ("sft", "kd", "first")
+  for dotted, key in SCHEMA.items():
+    *path, name = dotted.split(".")
+    node = c
+    for part in path:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[name] = key.default
   return c
 
 
@@ -571,7 +475,8 @@ _ALL = STAGES
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-  """One key of `base()`: what it means, what it may hold, which stages read it.
+  """One config key, described once: its default, what it means, what it may hold, which
+  stages read it (`base()` is built from these).
 
   The type is the default's (`types` where several are accepted; `item`: the type of a tuple's
   items). `choices` (allowed values) and the range (`lo`/`hi`, open ends, `finite`, `also`:
@@ -579,6 +484,7 @@ class Key:
   by `check_key`; `allowed` words them where the generated wording would not do, or describes a
   rule `validate` checks itself.
   """
+  default: Any
   doc: str
   stages: tuple[str, ...]
   choices: tuple = ()
@@ -633,276 +539,310 @@ def _num(x: float) -> str:
 _MODEL_DOC = "(init=random only: a pre-trained model brings its own)"
 # The fields of a model block (first_jax.models.ModelConfig), shared by teacher and student.
 _MODEL_FIELDS = dict(
-    model_type=Key(f"architecture family {_MODEL_DOC}", (),
+    model_type=Key("llama", f"architecture family {_MODEL_DOC}", (),
                    choices=("llama", "qwen2", "mistral")),
-    vocab_size=Key(f"vocabulary size, >= the tokenizer's; the student's equals the teacher's "
+    vocab_size=Key(50257,
+                   f"vocabulary size, >= the tokenizer's; the student's equals the teacher's "
                    f"(the top-k ids index both) {_MODEL_DOC}", (), lo=1),
-    hidden_size=Key(f"model width {_MODEL_DOC}", (), lo=1),
-    intermediate_size=Key(f"SwiGLU MLP width {_MODEL_DOC}", (), lo=1),
-    num_layers=Key(f"decoder layers {_MODEL_DOC}", (), lo=1),
-    num_heads=Key(f"query heads {_MODEL_DOC}", (), lo=1),
-    num_kv_heads=Key(f"key/value heads (grouped-query attention; divides num_heads) {_MODEL_DOC}",
+    hidden_size=Key(64, f"model width {_MODEL_DOC}", (), lo=1),
+    intermediate_size=Key(128, f"SwiGLU MLP width {_MODEL_DOC}", (), lo=1),
+    num_layers=Key(2, f"decoder layers {_MODEL_DOC}", (), lo=1),
+    num_heads=Key(4, f"query heads {_MODEL_DOC}", (), lo=1),
+    num_kv_heads=Key(2,
+                     f"key/value heads (grouped-query attention; divides num_heads) {_MODEL_DOC}",
                      (), lo=1),
-    head_dim=Key(f"width of each attention head (even) {_MODEL_DOC}", (), lo=2),
-    rope_theta=Key(f"RoPE base frequency {_MODEL_DOC}", (), lo=0, lo_open=True),
-    rms_norm_eps=Key(f"epsilon of the RMS norms {_MODEL_DOC}", (), lo=0, lo_open=True),
-    tie_word_embeddings=Key(f"the output head shares the embedding matrix {_MODEL_DOC}", ()),
-    attention_bias=Key(f"q/k/v projections with a bias {_MODEL_DOC}", ()),
-    max_position_embeddings=Key(f"longest position the model supports {_MODEL_DOC}", (), lo=1),
-    dtype=Key("compute dtype of the matmuls: bfloat16 = bf16 operands accumulating in float32, "
+    head_dim=Key(16, f"width of each attention head (even) {_MODEL_DOC}", (), lo=2),
+    rope_theta=Key(10000.0, f"RoPE base frequency {_MODEL_DOC}", (), lo=0, lo_open=True),
+    rms_norm_eps=Key(1e-05, f"epsilon of the RMS norms {_MODEL_DOC}", (), lo=0, lo_open=True),
+    tie_word_embeddings=Key(True, f"the output head shares the embedding matrix {_MODEL_DOC}", ()),
+    attention_bias=Key(False, f"q/k/v projections with a bias {_MODEL_DOC}", ()),
+    max_position_embeddings=Key(2048,
+                                f"longest position the model supports {_MODEL_DOC}", (), lo=1),
+    dtype=Key("float32",
+              "compute dtype of the matmuls: bfloat16 = bf16 operands accumulating in float32, "
               "forward and backward, with norms, softmax, activations between matmuls, losses "
               "and optimizer moments in float32 (applies to pre-trained models too)", (),
               choices=("float32", "bfloat16")),
-    param_dtype=Key("parameter dtype (applies to pre-trained models too)", (),
+    param_dtype=Key("float32", "parameter dtype (applies to pre-trained models too)", (),
                     choices=("float32", "bfloat16")),
-    remat=Key("recompute each layer's activations in the backward pass: less memory, more "
+    remat=Key(False, "recompute each layer's activations in the backward pass: less memory, more "
               "compute (applies to pre-trained models too)", ()),
-    scan_layers=Key(f"`nn.scan` over the layers: one compiled layer, stacked parameters "
+    scan_layers=Key(True, f"`nn.scan` over the layers: one compiled layer, stacked parameters "
                     f"{_MODEL_DOC}", ()),
 )
 
 # The optimizer fields of `finetune` (the teacher) and `distill` (the students).
 _OPTIM_FIELDS = dict(
-    lr=Key("peak learning rate (AdamW; linear warmup, then cosine decay to 0)", (), lo=0,
+    lr=Key(0.001, "peak learning rate (AdamW; linear warmup, then cosine decay to 0)", (), lo=0,
            lo_open=True, finite=True, allowed="a finite positive learning rate"),
-    epochs=Key("passes over the training split", (), lo=1),
-    batch_size=Key("rows per step over all devices (an update takes batch_size * grad_accum "
+    epochs=Key(1, "passes over the training split", (), lo=1),
+    batch_size=Key(8, "rows per step over all devices (an update takes batch_size * grad_accum "
                    "rows)", (), lo=1),
-    grad_accum=Key("steps whose gradients are accumulated into one update", (), lo=1),
-    warmup_ratio=Key("share of the updates spent warming the learning rate up from 0", (), lo=0,
+    grad_accum=Key(1, "steps whose gradients are accumulated into one update", (), lo=1),
+    warmup_ratio=Key(0.03,
+                     "share of the updates spent warming the learning rate up from 0", (), lo=0,
                      hi=1, hi_open=True),
-    weight_decay=Key("AdamW weight decay", (), lo=0),
-    clip_norm=Key("gradients clipped to this global norm", (), lo=0, lo_open=True),
-    b1=Key("AdamW beta1", (), lo=0, hi=1, hi_open=True),
-    b2=Key("AdamW beta2", (), lo=0, hi=1, hi_open=True),
-    eps=Key("AdamW epsilon", (), lo=0, lo_open=True),
+    weight_decay=Key(0.0, "AdamW weight decay", (), lo=0),
+    clip_norm=Key(1.0, "gradients clipped to this global norm", (), lo=0, lo_open=True),
+    b1=Key(0.9, "AdamW beta1", (), lo=0, hi=1, hi_open=True),
+    b2=Key(0.999, "AdamW beta2", (), lo=0, hi=1, hi_open=True),
+    eps=Key(1e-08, "AdamW epsilon", (), lo=0, lo_open=True),
 )
 
 
-def _with_stages(key: Key, stages: tuple[str, ...]) -> Key:
-  return dataclasses.replace(key, stages=stages)
-
-
-def _block(prefix: str, fields: dict[str, Key], stages: tuple[str, ...]) -> dict[str, Key]:
-  return {f"{prefix}.{name}": _with_stages(key, stages) for name, key in fields.items()}
+def _block(prefix: str, fields: dict[str, Key], stages: tuple[str, ...],
+           **defaults: Any) -> dict[str, Key]:
+  """`fields` under `prefix`, read by `stages`, with other `defaults` where given."""
+  return {f"{prefix}.{name}": dataclasses.replace(key, stages=stages,
+                                                  default=defaults.get(name, key.default))
+          for name, key in fields.items()}
 
 
 _STUDENT = ("train", "evaluate")
 _TEACHER_RUN = ("finetune", "extract", "train", "evaluate")  # + in the teacher's fingerprint
 
-# Every key of base() (dotted; grouped as base() writes them). tests/test_config.py checks
-# that the two name the same keys.
+# Every config key, dotted, each described once: `base()` is built from these, in this order.
 SCHEMA: dict[str, Key] = {
-    "workdir": Key("everything a run writes: one folder per stage (see docs/design.md)", _ALL),
-    "seed": Key("the run's seed: data subsample and splits, choice shuffling, initialisation, "
+    "workdir": Key("workdir/run",
+                   "everything a run writes: one folder per stage (see docs/design.md)", _ALL),
+    "seed": Key(0, "the run's seed: data subsample and splits, choice shuffling, initialisation, "
                 "batch order", _ALL, lo=0, hi=2**32, hi_open=True,
                 allowed="an integer in [0, 2**32)"),
-    "resume": Key("true: skip finished stages and continue from the latest checkpoint "
+    "resume": Key(True, "true: skip finished stages and continue from the latest checkpoint "
                   "(training runs resume their data position too); false: start over, the "
                   "pipeline moving each stage's folder aside to <dir>.old-<unix time>",
                   ("finetune", "extract", "calibrate", "train", "evaluate")),
-    "mesh.data": Key("data-parallel axis of the device mesh; -1: the remaining devices", _ALL,
+    "mesh.data": Key(-1, "data-parallel axis of the device mesh; -1: the remaining devices", _ALL,
                      lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
-    "mesh.fsdp": Key("parameter-sharding (FSDP) axis of the device mesh; -1: the remaining "
+    "mesh.fsdp": Key(1, "parameter-sharding (FSDP) axis of the device mesh; -1: the remaining "
                      "devices", _ALL, lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
-    "mesh.tensor": Key("tensor-parallel axis of the device mesh; -1: the remaining devices",
+    "mesh.tensor": Key(1, "tensor-parallel axis of the device mesh; -1: the remaining devices",
                        _ALL, lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
-    "mesh.on_indivisible": Key("a parameter dimension that its mesh axes do not divide (e.g. 9 "
+    "mesh.on_indivisible": Key("error",
+                               "a parameter dimension that its mesh axes do not divide (e.g. 9 "
                                "heads on tensor=2): error (naming the parameter) or replicate "
                                "(that one dimension, with a warning)", _ALL,
                                choices=("error", "replicate")),
-    "tokenizer": Key("the tokenizer of teacher and student: an asset name (gpt2, smollm2), a HF "
+    "tokenizer": Key("gpt2",
+                     "the tokenizer of teacher and student: an asset name (gpt2, smollm2), a HF "
                      "tokenizer folder, a tokenizer.json or a .gguf", _ALL,
                      allowed="gpt2, smollm2 or an existing path"),
     # data
-    "data.kind": Key("choice: multiple choice, one answer-letter token scored; text: "
+    "data.kind": Key("choice", "choice: multiple choice, one answer-letter token scored; text: "
                      "prompt/response pairs, every response token scored (instruction data, "
                      "generative BIG-bench tasks, or a choice task phrased as text through "
                      "data.answer_template)", _ALL, choices=("choice", "text")),
-    "data.source": Key("where examples come from: synthetic (generated), vader (VADER's "
+    "data.source": Key("synthetic",
+                       "where examples come from: synthetic (generated), vader (VADER's "
                        "human-rated sentiment sentences, embedded in the package), evals (a data "
                        "file of the PyPI `evals` registry), bigbench (a BIG-bench task from a "
                        "local copy: $FIRST_JAX_BIGBENCH) or hf (HF `datasets`: a local file or a "
                        "hub name)", _ALL,
                        choices=("synthetic", "vader", "evals", "bigbench", "hf")),
-    "data.task": Key("the in-domain task: a VADER domain (tweets, movie_reviews, "
+    "data.task": Key("", "the in-domain task: a VADER domain (tweets, movie_reviews, "
                      "amazon_reviews, nyt_editorials) for vader; a registry data file (e.g. "
                      "quartz/samples.jsonl) for evals; a BIG-bench task name (e.g. "
                      "multiemo/hotels_sentence_en) or task.json path for bigbench; a local "
                      ".json/.jsonl/.parquet/.csv file or a hub dataset name for hf", _ALL),
-    "data.neutral_band": Key("source=vader: a sentence whose mean rating (-4..+4) lies within "
+    "data.neutral_band": Key(0.5, "source=vader: a sentence whose mean rating (-4..+4) lies within "
                              "+-this is neutral, below negative, above positive; each rater's "
                              "rating is classed by the same rule (the human label distribution)",
                              _ALL, types=(float, int), lo=0),
-    "data.hf_split": Key("source=hf: the split read (the run's own train/validation/test "
+    "data.hf_split": Key("train", "source=hf: the split read (the run's own train/validation/test "
                          "splits are made from it)", _ALL),
-    "data.hf_name": Key("source=hf: the hub dataset's configuration name (e.g. a task of "
+    "data.hf_name": Key("", "source=hf: the hub dataset's configuration name (e.g. a task of "
                         "google/bigbench such as \"general_knowledge\"); \"\" for none",
                         _ALL),
-    "data.hf_fields.input": Key("kind=choice, source=hf: the column of the question", _ALL),
-    "data.hf_fields.choices": Key("kind=choice, source=hf: the column of the answer options (a "
+    "data.hf_fields.input": Key("question",
+                                "kind=choice, source=hf: the column of the question", _ALL),
+    "data.hf_fields.choices": Key("choices",
+                                  "kind=choice, source=hf: the column of the answer options (a "
                                   "list, or {\"text\": [...]}), or a list of columns, one per "
                                   "choice (CSV)", _ALL, types=(str, list)),
-    "data.hf_fields.label": Key("kind=choice, source=hf: the column of the gold answer (an "
+    "data.hf_fields.label": Key("answer",
+                                "kind=choice, source=hf: the column of the gold answer (an "
                                 "index, a letter, the text of one choice, or a list of one "
                                 "score per choice: the unique best > 0)", _ALL),
-    "data.text_fields.prompt": Key("kind=text, source=hf: the column of the prompt (the "
+    "data.text_fields.prompt": Key("instruction",
+                                   "kind=text, source=hf: the column of the prompt (the "
                                    "defaults read Alpaca-style JSONL as it is)", _ALL),
-    "data.text_fields.context": Key("kind=text, source=hf: the column of the prompt's optional "
+    "data.text_fields.context": Key("input",
+                                    "kind=text, source=hf: the column of the prompt's optional "
                                     "context, joined after a blank line", _ALL),
-    "data.text_fields.response": Key("kind=text, source=hf: the column of the response", _ALL),
-    "data.answer_template": Key("kind=text: a choice example (BIG-bench target_scores, "
+    "data.text_fields.response": Key("output",
+                                     "kind=text, source=hf: the column of the response", _ALL),
+    "data.answer_template": Key("{answer}", "kind=text: a choice example (BIG-bench target_scores, "
                                 "synthetic, evaluate.choice_tasks) becomes the response "
                                 "answer_template.format(answer=<choice text>), e.g. "
                                 "\"Sentiment: {answer}\"", _ALL,
                                 allowed="a template with an {answer} field"),
-    "data.on_bad_example": Key("kind=text: a record without prompt or response is an error or "
+    "data.on_bad_example": Key("error",
+                               "kind=text: a record without prompt or response is an error or "
                                "is skipped", _ALL, choices=("error", "skip")),
-    "data.use_task_prefix": Key("BIG-bench: put the task's task_prefix before each input", _ALL),
-    "data.ood_tasks": Key("tasks evaluated out-of-domain (same source and kind as data.task)",
+    "data.use_task_prefix": Key(True,
+                                "BIG-bench: put the task's task_prefix before each input", _ALL),
+    "data.ood_tasks": Key((), "tasks evaluated out-of-domain (same source and kind as data.task)",
                           _ALL, item=str),
-    "data.num_examples": Key("in-domain examples used: 0 all, else a seeded subsample", _ALL,
+    "data.num_examples": Key(0, "in-domain examples used: 0 all, else a seeded subsample", _ALL,
                              lo=0, allowed="0 (all) or a count"),
-    "data.num_ood_examples": Key("examples per out-of-domain task (and per "
+    "data.num_ood_examples": Key(0, "examples per out-of-domain task (and per "
                                  "evaluate.choice_tasks task): 0 all, else a seeded subsample",
                                  _ALL, lo=0, allowed="0 (all) or a count"),
-    "data.validation": Key("share of the examples in the validation split (disjoint from the "
+    "data.validation": Key(0.1, "share of the examples in the validation split (disjoint from the "
                            "others, recorded in data/split.json; train is the rest)", _ALL,
                            allowed="> 0, with data.test summing to < 1"),
-    "data.test": Key("share of the examples in the test split", _ALL,
+    "data.test": Key(0.2, "share of the examples in the test split", _ALL,
                      allowed="> 0, with data.validation summing to < 1"),
-    "data.max_len": Key("one padded sequence length (each step compiles once); longer examples "
+    "data.max_len": Key(64, "one padded sequence length (each step compiles once); longer examples "
                         "are truncated, with a warning counting them", _ALL, lo=2),
-    "data.loss_on": Key("tokens that carry the loss: response (the answer / the response) or "
+    "data.loss_on": Key("response",
+                        "tokens that carry the loss: response (the answer / the response) or "
                         "all (plain language modelling; kind=choice only)", _ALL,
                         choices=("response", "all")),
-    "data.use_chat_template": Key("wrap each prompt in the tokenizer's chat template", _ALL),
-    "data.shuffle_choices": Key("shuffle each question's choices (BIG-bench lists the gold "
+    "data.use_chat_template": Key(False, "wrap each prompt in the tokenizer's chat template", _ALL),
+    "data.shuffle_choices": Key(True, "shuffle each question's choices (BIG-bench lists the gold "
                                 "choice first); keep false for a fixed label set", _ALL),
-    "data.synthetic_size": Key("source=synthetic: number of generated questions", _ALL, lo=1),
-    "data.synthetic_kind": Key("source=synthetic: the kind of toy question (see "
-                               "first_jax.sources.synthetic_mcqa)", _ALL,
+    "data.synthetic_size": Key(600, "source=synthetic: number of generated questions", _ALL, lo=1),
+    "data.synthetic_kind": Key("numbers", "source=synthetic: the kind of toy question (see "
+                               "first_jax.data.sources.synthetic_mcqa)", _ALL,
                                choices=("numbers", "categories")),
     # teacher / student
-    "teacher.init": Key("random (a new model from teacher.model) or pretrained (from "
+    "teacher.init": Key("random", "random (a new model from teacher.model) or pretrained (from "
                         "teacher.path), then fine-tuned", _TEACHER_RUN,
                         choices=("random", "pretrained")),
-    "teacher.path": Key("init=pretrained: a local HF model folder (config.json + safetensors), "
+    "teacher.path": Key("", "init=pretrained: a local HF model folder (config.json + safetensors), "
                         "a .gguf file or an asset name (smollm2)", _TEACHER_RUN,
                         allowed="an existing HF model directory, .gguf file or asset name"),
     **_block("teacher.model", _MODEL_FIELDS, _ALL),
-    "student.init": Key("random (from student.model), pretrained (from student.path) or "
+    "student.init": Key("random", "random (from student.model), pretrained (from student.path) or "
                         "layer_subset (student.layers of the PRE-TRAINED teacher, with its "
                         "embeddings and head)", _STUDENT,
                         choices=("random", "pretrained", "layer_subset")),
-    "student.path": Key("init=pretrained: a local HF model folder, a .gguf file or an asset "
+    "student.path": Key("", "init=pretrained: a local HF model folder, a .gguf file or an asset "
                         "name", _STUDENT,
                         allowed="an existing HF model directory, .gguf file or asset name"),
-    "student.layers": Key("init=layer_subset: the teacher layer indices kept", _STUDENT,
+    "student.layers": Key((), "init=layer_subset: the teacher layer indices kept", _STUDENT,
                           item=int),
-    **_block("student.model", _MODEL_FIELDS, _STUDENT),
+    **_block("student.model", _MODEL_FIELDS, _STUDENT, hidden_size=32, intermediate_size=64,
+             num_heads=2, num_kv_heads=1),
     # fine-tuning the teacher
     **_block("finetune", _OPTIM_FIELDS, ("finetune",)),
-    "finetune.label_smoothing": Key("label smoothing of the teacher's fine-tuning", ("finetune",),
+    "finetune.label_smoothing": Key(0.0,
+                                    "label smoothing of the teacher's fine-tuning", ("finetune",),
                                     lo=0, hi=1, hi_open=True),
-    "finetune.length_buckets": Key("as distill.length_buckets, for the teacher's fine-tuning "
+    "finetune.length_buckets": Key((), "as distill.length_buckets, for the teacher's fine-tuning "
                                    "batches", ("finetune",), item=int,
                                    allowed="lengths between 2 and data.max_len"),
     # distillation (the students)
     **_block("distill", _OPTIM_FIELDS, ("train",)),
-    "distill.mode": Key("offline: KD targets read from the top-k store; online: the teacher "
+    "distill.mode": Key("offline",
+                        "offline: KD targets read from the top-k store; online: the teacher "
                         "runs inside the student's step (forward, top-k, rescale, loss in one "
                         "program)", ("train",), choices=("offline", "online")),
-    "distill.tail": Key("the teacher's mass outside its top-k: bucket (a (k+1)-th bin on both "
+    "distill.tail": Key("bucket",
+                        "the teacher's mass outside its top-k: bucket (a (k+1)-th bin on both "
                         "sides) or renormalize (compare over the k ids only); the default of "
                         "kd/first students (a -bucket/-renormalize suffix overrides it); "
                         "calibrate plots and records the headline temperature for it",
                         ("calibrate", "train"), choices=("bucket", "renormalize")),
-    "distill.direction": Key("KL direction of the KD loss: forward KL(teacher||student), "
+    "distill.direction": Key("forward",
+                             "KL direction of the KD loss: forward KL(teacher||student), "
                              "reverse KL(student||teacher) or jsd (Jensen-Shannon)", ("train",),
                              choices=("forward", "reverse", "jsd")),
-    "distill.temperature": Key("the teacher temperature of `first` students: calibrated (the "
+    "distill.temperature": Key("calibrated",
+                               "the teacher temperature of `first` students: calibrated (the "
                                "calibrate stage's search for the student's mode and tail, from "
                                "the store manifest), search (searched inside the online step; "
                                "needs distill.mode=online) or a number", ("train",),
                                types=(str, float),
                                allowed="calibrated, search or a positive number"),
-    "distill.temperature_mode": Key("how `first` students re-scale the teacher's top-k with the "
+    "distill.temperature_mode": Key("prob_softmax",
+                                    "how `first` students re-scale the teacher's top-k with the "
                                     "temperature: prob_softmax = softmax(p / t) (the paper's "
                                     "code) or log_space = softmax(log p / t); the default mode "
                                     "of `first` (a -prob_softmax/-log_space suffix overrides it)",
                                     ("train",), choices=("prob_softmax", "log_space")),
-    "distill.temperature_ema": Key("online search: smoothing of the searched temperature over "
+    "distill.temperature_ema": Key(0.0, "online search: smoothing of the searched temperature over "
                                    "steps (0: none)", ("train",), lo=0, hi=1, hi_open=True),
-    "distill.search_events": Key("online search: teacher events kept from the latest steps (a "
+    "distill.search_events": Key(1024,
+                                 "online search: teacher events kept from the latest steps (a "
                                  "ring buffer)", ("train",), lo=1),
-    "distill.search_min_events": Key("online search: the start temperature is kept until this "
+    "distill.search_min_events": Key(256, "online search: the start temperature is kept until this "
                                      "many events are in", ("train",), lo=0,
                                      allowed="0 <= value <= distill.search_events"),
-    "distill.label_smoothing": Key("label smoothing of the sft_ls student baseline", ("train",),
+    "distill.label_smoothing": Key(0.1,
+                                   "label smoothing of the sft_ls student baseline", ("train",),
                                    lo=0, hi=1, hi_open=True),
-    "distill.seed": Key("the students' seed (batch order, initialisation): -1 uses seed; >= 0 "
+    "distill.seed": Key(-1, "the students' seed (batch order, initialisation): -1 uses seed; >= 0 "
                         "gives student seeds over one teacher", ("train",), lo=0, also=(-1,),
                         allowed="-1 (the run's seed) or a seed >= 0"),
-    "distill.length_buckets": Key("batch rows of similar length together and cut each batch's "
+    "distill.length_buckets": Key((), "batch rows of similar length together and cut each batch's "
                                   "padding to the smallest of these lengths holding it (one "
                                   "compile each); (): every batch at data.max_len. Also cuts "
                                   "the padding of evaluation batches", ("train", "evaluate"),
                                   item=int, allowed="lengths between 2 and data.max_len"),
     # the top-k store
-    "extract.k": Key("teacher tokens kept per position (top-k); at most the vocabulary size",
+    "extract.k": Key(5, "teacher tokens kept per position (top-k); at most the vocabulary size",
                      ("extract", "calibrate", "train"), lo=1),
-    "extract.logprob_dtype": Key("dtype the store keeps the top-k log-probs in", ("extract",),
+    "extract.logprob_dtype": Key("float16",
+                                 "dtype the store keeps the top-k log-probs in", ("extract",),
                                  choices=("float16", "bfloat16")),
-    "extract.batch_size": Key("rows per teacher forward", ("extract", "calibrate"), lo=1),
-    "extract.shard_size": Key("examples per store shard (finished shards are skipped on a "
+    "extract.batch_size": Key(16, "rows per teacher forward", ("extract", "calibrate"), lo=1),
+    "extract.shard_size": Key(256, "examples per store shard (finished shards are skipped on a "
                               "re-run)", ("extract",), lo=1),
     # the temperature search
-    "calibrate.mode": Key("which search's temperature the store records as its headline "
+    "calibrate.mode": Key("prob_softmax",
+                          "which search's temperature the store records as its headline "
                           "`temperature` (every mode and tail is searched; each student "
                           "trains with the search for its own, see distill.temperature_mode)",
                           ("calibrate",), choices=("prob_softmax", "log_space")),
-    "calibrate.num_bins": Key("ECE bins of the temperature search (offline and online)",
+    "calibrate.num_bins": Key(10, "ECE bins of the temperature search (offline and online)",
                               ("calibrate", "train"), lo=1),
-    "calibrate.refine": Key("search a finer grid around the best coarse temperature",
+    "calibrate.refine": Key(True, "search a finer grid around the best coarse temperature",
                             ("calibrate",)),
-    "calibrate.require_premise": Key("stop before the students if the teacher is not "
+    "calibrate.require_premise": Key(False, "stop before the students if the teacher is not "
                                      "over-confident on validation", ("calibrate",)),
     # evaluation
-    "evaluate.batch_size": Key("rows per scoring forward", ("evaluate",), lo=1),
-    "evaluate.num_bins": Key("ECE/MCE bin counts reported (equal width and equal mass each)",
+    "evaluate.batch_size": Key(32, "rows per scoring forward", ("evaluate",), lo=1),
+    "evaluate.num_bins": Key((10, 15),
+                             "ECE/MCE bin counts reported (equal width and equal mass each)",
                              ("evaluate",), item=int, lo=1, min_len=1,
                              allowed="a non-empty tuple of bin counts >= 1"),
-    "evaluate.scoring": Key("what confidence and correctness mean, in the temperature search, "
+    "evaluate.scoring": Key("choices",
+                            "what confidence and correctness mean, in the temperature search, "
                             "the post-hoc fits and the headline metrics alike: choices = softmax "
                             "over the answer letters (lm-eval style); vocab = the "
                             "full-vocabulary top-1 (FIRST's reference code)",
                             ("calibrate", "train", "evaluate"), choices=("choices", "vocab")),
-    "evaluate.post_hoc": Key("students also reported with post-hoc temperature scaling "
+    "evaluate.post_hoc": Key(("sft", "first"),
+                             "students also reported with post-hoc temperature scaling "
                              "(<student>+ts)", ("evaluate",), item=str),
-    "evaluate.models": Key("extra HF model folders / .gguf files evaluated beside the "
+    "evaluate.models": Key((), "extra HF model folders / .gguf files evaluated beside the "
                            "workdir's models", ("evaluate",), item=str,
                            allowed="existing HF model dirs or .gguf files"),
-    "evaluate.choice_tasks": Key("kind=text: multiple-choice tasks also evaluated (BIG-bench "
+    "evaluate.choice_tasks": Key((), "kind=text: multiple-choice tasks also evaluated (BIG-bench "
                                  "task.json files or tasks, or with data.source=vader / evals "
                                  "that source's tasks), "
                                  "each choice scored by the log-likelihood of its text "
                                  "(data.answer_template) after the prompt", ("evaluate",),
                                  item=str, allowed="() for data.kind=choice"),
-    "evaluate.post_hoc_grid": Key("kind=text: post-hoc temperatures are chosen on this "
+    "evaluate.post_hoc_grid": Key((0.25, 4.0, 33),
+                                  "kind=text: post-hoc temperatures are chosen on this "
                                   "log-spaced grid (exact token NLL)", ("evaluate",), item=float,
                                   allowed="(lowest t > 0, highest t, number of points >= 2)"),
     # checkpoints and logs
-    "checkpoint.every_steps": Key("steps between checkpoints of a training run",
+    "checkpoint.every_steps": Key(50, "steps between checkpoints of a training run",
                                   ("finetune", "train"), lo=1),
-    "checkpoint.keep": Key("checkpoints kept per training run", ("finetune", "train"), lo=1),
-    "checkpoint.after_done": Key("what a finished training run keeps of its checkpoints (the "
+    "checkpoint.keep": Key(2, "checkpoints kept per training run", ("finetune", "train"), lo=1),
+    "checkpoint.after_done": Key("none",
+                                 "what a finished training run keeps of its checkpoints (the "
                                  "export holds the weights): none, last (the newest step, "
                                  "optimizer state included, to continue training) or all",
                                  ("finetune", "train"), choices=("none", "last", "all")),
-    "log_every_steps": Key("steps between metric lines (metrics.jsonl, TensorBoard, log)",
+    "log_every_steps": Key(10, "steps between metric lines (metrics.jsonl, TensorBoard, log)",
                            ("finetune", "train"), lo=1),
-    "students": Key("student variants trained and evaluated: sft, sft_ls[-choices], "
+    "students": Key(("sft", "kd", "first"),
+                    "student variants trained and evaluated: sft, sft_ls[-choices], "
                     "kd[-mode][-tail], first[-mode][-tail], full_kd, each with an optional @E "
                     "(E epochs); see first_jax.train", ("train", "evaluate"), item=str),
 }
@@ -986,8 +926,8 @@ OVERRIDE_SYNTAX = (
 _MARKDOWN_HEAD = """\
 # Config reference
 
-<!-- Generated from first_jax/config.py (SCHEMA, next to base()) by
-     `python -m first_jax.config --markdown`; edit those and re-run it, not this file.
+<!-- Generated from first_jax/config.py (SCHEMA: each key described once) by
+     `python -m first_jax.config --markdown`; edit SCHEMA and re-run it, not this file.
      tests/test_docs.py fails when this file is stale. -->
 
 Every stage reads one config: a Python file whose `get_config(arg)` returns an

@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from first_jax.runtime.errors import UserError
 from first_jax import config as config_lib
-from first_jax.errors import UserError
 
 GIB = 1 << 30
 # Usable memory per device (GiB), as sold.
@@ -78,7 +78,8 @@ def _sds(tree: Any, shardings: Any) -> Any:
 
 def _model(cfg, who: str, mesh):
   """(module, abstract placed params) of the teacher or student from its `model` block."""
-  from first_jax import models, sharding
+  from first_jax import models
+  from first_jax.runtime import sharding
   mc = models.ModelConfig.from_dict(cfg[who].model.to_dict(), prefix=f"{who}.model")
   boxed = models.abstract_params(mc)
   shardings = sharding.param_shardings(boxed, mesh, sharding.DEFAULT_RULES,
@@ -89,7 +90,7 @@ def _model(cfg, who: str, mesh):
 def _batch(mesh, b: int, length: int, k: int, kd: bool, answer_only: bool) -> dict:
   import jax
   import numpy as np
-  from first_jax import sharding
+  from first_jax.runtime import sharding
   bs = sharding.batch_sharding(mesh)
   spec = {"input_ids": ((b, length), np.int32), "attention_mask": ((b, length), np.int32),
           "targets": ((b, length), np.int32), "loss_mask": ((b, length), np.float32),
@@ -117,7 +118,8 @@ def _train_program(name, cfg, mesh, module, params, optim, spec, batch, teacher=
                    events=None) -> Program:
   import functools
   import jax
-  from first_jax import step, trainer
+  from first_jax.core import step
+  from first_jax.engine import trainer
   tx = step.make_optimizer(lr=optim.lr, total_steps=1000, warmup_ratio=optim.warmup_ratio,
                            weight_decay=optim.weight_decay, clip_norm=optim.clip_norm,
                            b1=optim.b1, b2=optim.b2, eps=optim.eps, grad_accum=optim.grad_accum)
@@ -137,7 +139,8 @@ def _train_program(name, cfg, mesh, module, params, optim, spec, batch, teacher=
 
 def plan(cfg) -> list[Program]:
   import jax
-  from first_jax import infer, step, workspace
+  from first_jax.engine import infer, workspace
+  from first_jax.core import step
   mesh = workspace.mesh(cfg)
   length, k = cfg.data.max_len, cfg.extract.k
   ao = workspace.answer_only(cfg)
@@ -194,7 +197,7 @@ def report(progs: list[Program], cfg, devices: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from first_jax import log
+  from first_jax.runtime import log
   argv = list(sys.argv[1:] if argv is None else argv)
   log.setup()
   devices = None

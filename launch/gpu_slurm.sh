@@ -8,7 +8,7 @@
 #SBATCH --output=%x-%j.out
 #
 # Runs one first_jax stage on a Slurm GPU cluster: ONE process per node, each seeing all of its
-# node's GPUs; jax detects the job from Slurm (first_jax.distributed passes all the node's GPUs,
+# node's GPUs; jax detects the job from Slurm (first_jax.runtime.distributed passes all the node's GPUs,
 # from CUDA_VISIBLE_DEVICES, instead of jax's one-GPU-per-task default).
 #
 # Once, on a login node, in the checkout on the shared filesystem (Python >= 3.11):

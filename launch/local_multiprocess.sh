@@ -5,7 +5,7 @@
 #   bash launch/local_multiprocess.sh 2 python -m first_jax.pipeline --config configs/smoke.py \
 #       --config.workdir=workdir/smoke_2proc
 # Each process gets FIRST_JAX_COORDINATOR / FIRST_JAX_NUM_PROCESSES / FIRST_JAX_PROCESS_ID (see
-# first_jax/distributed.py and docs/launch.md) and LOCAL_DEVICES fake CPU devices (default 4).
+# first_jax/runtime/distributed.py and docs/launch.md) and LOCAL_DEVICES fake CPU devices (default 4).
 # Process 0 prints to the terminal; every process logs to $LOG_DIR/process-<i>.log (default
 # workdir/multiprocess-logs). The first process to fail stops the others; the exit status is
 # the first failure's (0 when all succeed).

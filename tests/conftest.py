@@ -19,7 +19,8 @@ SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
   """One finished smoke pipeline run, shared: tests read it, or damage a copy of it."""
-  from first_jax import cli, pipeline
+  from first_jax import cli
+  from first_jax.stages import pipeline
   wd = str(tmp_path_factory.mktemp("smoke"))
   assert cli.stage_main(pipeline.run, ["--config", SMOKE, f"--config.workdir={wd}"]) == 0
   return wd

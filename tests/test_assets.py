@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from first_jax import assets
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.data import assets
+from first_jax import assets as assets_command
 
 
 def _fake_wheel(folder: Path, payload: bytes) -> Path:
@@ -342,8 +343,8 @@ def test_check_reports_each_asset_in_one_line(tmp_path, wheel, monkeypatch, caps
     local_env="FIRST_JAX_GONE"))
   monkeypatch.delenv("FIRST_JAX_GONE", raising=False)
   cache = tmp_path / "cache"
-  code = assets.main(["--check", "--only", "fake,unreachable,vanished", "--cache-dir", str(cache),
-                      "--configs", str(tmp_path / "no-configs")])
+  code = assets_command.main(["--check", "--only", "fake,unreachable,vanished", "--cache-dir",
+                              str(cache), "--configs", str(tmp_path / "no-configs")])
   out = capsys.readouterr().out.splitlines()
   assert code == 1
   fake, = (l for l in out if " fake " in l)
@@ -354,9 +355,9 @@ def test_check_reports_each_asset_in_one_line(tmp_path, wheel, monkeypatch, caps
   assert gone.startswith("gone ") and "set FIRST_JAX_GONE to a copy" in gone
   assert out[-1] == "2 of 3 assets ok or accounted for; 1 failed"
   assert (cache / "fake" / "data.bin").is_file()  # fetched into the cache
-  assert assets.main(["--check", "--only", "fake", "--cache-dir", str(cache),
-                      "--configs", str(tmp_path)]) == 0
-  assert assets.main(["--check", "--only", "nope"]) == 2
+  assert assets_command.main(["--check", "--only", "fake", "--cache-dir", str(cache),
+                              "--configs", str(tmp_path)]) == 0
+  assert assets_command.main(["--check", "--only", "nope"]) == 2
   # given a local copy that does not verify, a vanished asset fails
   (tmp_path / "copy.tar.gz").write_bytes(b"not it")
   monkeypatch.setenv("FIRST_JAX_GONE", str(tmp_path / "copy.tar.gz"))
@@ -366,7 +367,7 @@ def test_check_reports_each_asset_in_one_line(tmp_path, wheel, monkeypatch, caps
 def test_shipped_configs_name_their_assets():
   """Which shipped config needs which asset (the check's [config, ...] column): the README job
   needs the model only (VADER is embedded); the first study's configs need BIG-bench."""
-  configs = assets._shipped_configs(Path(__file__).resolve().parent.parent / "configs")
+  configs = assets_command._shipped_configs(Path(__file__).resolve().parent.parent / "configs")
   assert assets.needed_by(configs["demo.py"]) == {"smollm2"}
   assert assets.needed_by(configs["smoke.py"]) == {"gpt2_tokenizer"}
   assert assets.needed_by(configs["text_demo.py"]) == {"smollm2", "evals"}

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from first_jax import cli, evaluate, pipeline, store, train
+from first_jax.data import store
+from first_jax import cli
+from first_jax.stages import evaluate, pipeline, train
 from tests.test_config import BAD_VALUES, SMOKE
 
 STAGES = {"pipeline": pipeline.run, "train": train.run, "evaluate": evaluate.run}

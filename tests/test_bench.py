@@ -165,7 +165,7 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
 @pytest.mark.parametrize("mode,tail", [("prob_softmax", True), ("log_space", False)])
 def test_numpy_search_baseline_matches_first_jax(bench_run, mode, tail):
   import jax
-  from first_jax import temperature
+  from first_jax.core import temperature
   ev = bench_run.synthetic_events(3000, 5, 1000, seed=1)
   grid = np.geomspace(0.05, 20.0, 30).astype(np.float32)
   res = jax.device_get(temperature.search(
@@ -180,7 +180,7 @@ def test_numpy_search_baseline_matches_first_jax(bench_run, mode, tail):
 
 def test_naive_loss_is_topk_kd(bench_run):
   import jax
-  from first_jax import losses
+  from first_jax.core import losses
   x, ids, lp, tail, mask = bench_run._loss_inputs(6, 500, 5)
   mask = mask.at[2].set(0.0)
   got = bench_run.naive_topk_kd(x, ids, lp, tail, mask)

@@ -1,4 +1,4 @@
-"""first_jax.calibration against float64 NumPy references."""
+"""first_jax.core.calibration against float64 NumPy references."""
 import functools
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from first_jax import calibration
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.core import calibration
 
 
 def _ref_bins(conf, num_bins, binning, w):

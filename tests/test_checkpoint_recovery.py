@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import checkpoint as ckpt_lib, step, workspace
-from first_jax.errors import UserError
+from first_jax.runtime import checkpoint as ckpt_lib
+from first_jax.runtime.errors import UserError
+from first_jax.core import step
+from first_jax.engine import workspace
 from tests.test_step import tiny
 from tests.test_trainer import losses_by_step, run
 
@@ -67,7 +69,7 @@ def assert_equal_to_unbroken(runs, folder, resumed):
 
 def damage_warnings(caplog):
   return [r.getMessage() for r in caplog.records
-          if r.levelno == logging.WARNING and r.name == "first_jax.checkpoint"]
+          if r.levelno == logging.WARNING and r.name == "first_jax.runtime.checkpoint"]
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -117,7 +119,7 @@ def test_a_whole_checkpoint_of_another_train_state_is_one_line_and_not_moved(run
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=TOTAL, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(model.params, tx, seed=0)
+  state = step.init_state(model.params, tx)
   other = state.replace(params={**state.params, "extra": np.zeros(3, np.float32)})
   ckpt = ckpt_lib.Checkpointer(os.path.join(folder, "checkpoints"))
   try:
@@ -134,16 +136,15 @@ def test_restore_is_bit_identical_to_what_was_saved(tmp_path):
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=4, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(model.params, tx, seed=5)
+  state = step.init_state(model.params, tx)
   rng = np.random.default_rng(0)  # non-trivial optimizer moments
   state = state.replace(opt_state=jax.tree.map(
       lambda x: jax.numpy.asarray(rng.standard_normal(x.shape), x.dtype) if x.ndim else x,
       state.opt_state))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "c"))
   ckpt.save(3, state, {"epoch": 0, "index": 3})
-  ckpt.wait()
-  os.mkdir(tmp_path / "c" / "5.damaged-1")  # a moved-aside folder is not a step
   ckpt.close()
+  os.mkdir(tmp_path / "c" / "5.damaged-1")  # a moved-aside folder is not a step
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "c"))
   restored, data, at = ckpt.restore_newest(ckpt_lib.abstract_like(state))
   ckpt.close()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from first_jax.runtime.errors import UserError
 from first_jax import config as config_lib
-from first_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -116,7 +116,8 @@ def test_cli_missing_config_file_exits_2(tmp_path):
 
 
 def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
-  from first_jax import train, workspace
+  from first_jax.stages import train
+  from first_jax.engine import workspace
   path = lambda name: os.path.join(ROOT, "configs", f"{name}.py")  # noqa: E731
   demo = config_lib.load(["--config", path("demo") + ":seed=1"])
   full = config_lib.load(["--config", path("demo_full") + ":seed=1"])
@@ -140,7 +141,7 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
 
 
 def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
-  from first_jax import workspace
+  from first_jax.engine import workspace
   smoke = config_lib.load(["--config", SMOKE])
   base_fp = workspace.teacher_fingerprint(smoke)
   # the key is hashed only away from its default: runs made before it existed stay done
@@ -162,7 +163,8 @@ def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
     ("trust_evals.py", None, 1000, 500),  # no teacher bundle yet
 ])
 def test_trust_config_shares_one_teacher_across_student_seeds(name, bundle, test_n, val_n):
-  from first_jax import train, workspace
+  from first_jax.stages import train
+  from first_jax.engine import workspace
   path = os.path.join(ROOT, "configs", name)
   a = config_lib.load(["--config", path + ":seed=0"])
   b = config_lib.load(["--config", path + ":seed=2"])
@@ -310,7 +312,7 @@ def test_validate_without_paths(tmp_path):
 def test_stage_help_lists_the_keys_it_reads(stage, capsys):
   import importlib
   from first_jax import cli
-  module = importlib.import_module(f"first_jax.{stage}")
+  module = importlib.import_module(f"first_jax.stages.{stage}")
   assert cli.stage_main(module.run, ["--help"]) == 0
   out = capsys.readouterr().out
   assert out.startswith(f"usage: python -m first_jax.{stage} --config FILE")

@@ -1,4 +1,4 @@
-"""Tests for first_jax.data: formatting, encoding alignment, splits, resumable batches."""
+"""Tests for first_jax.data.batches: formatting, encoding alignment, splits, resumable batches."""
 import json
 import logging
 import os
@@ -10,8 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from first_jax import data, sources
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.data import batches as data, sources
 
 
 def _tiny_tokenizer():
@@ -151,7 +151,7 @@ def test_encode_mc_truncates_prompt_left(tok, caplog):
   long_q = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 300)) + " END?"
   exs = [sources.MCExample(long_q, ["one", "two", "three"], 2),
          sources.MCExample("Short?", ["a", "b"], 0)]
-  with caplog.at_level(logging.WARNING, logger="first_jax.data"):
+  with caplog.at_level(logging.WARNING, logger="first_jax.data.batches"):
     out = data.encode_mc(exs, tok, max_len=48, buckets=())
   assert "1 of 2 examples" in caplog.text
   assert out["input_ids"].shape == (2, 48) and out["attention_mask"][0].sum() == 48

@@ -62,7 +62,7 @@ def test_overrides_of_any_depth_reach_the_config(monkeypatch):
   """`padding` applies a variant's overrides to the config it counts with (the float32
   variant's keys are three deep)."""
   seen = {}
-  from first_jax import workspace
+  from first_jax.engine import workspace
 
   def stop(cfg):
     seen["cfg"] = cfg

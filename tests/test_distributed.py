@@ -1,4 +1,4 @@
-"""first_jax.distributed: env parsing, the single-process no-op, and real 2-process runs."""
+"""first_jax.runtime.distributed: env parsing, the single-process no-op, and real 2-process runs."""
 import json
 import os
 import socket
@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import distributed
-from first_jax.errors import UserError
+from first_jax.runtime import distributed
+from first_jax.runtime.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Variables that would steer initialize(); cleared so the host's environment cannot leak in.
@@ -111,7 +111,7 @@ def test_initialize_bad_env_raises_before_touching_jax(monkeypatch):
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from first_jax import distributed
+    from first_jax.runtime import distributed
     distributed.initialize()
     distributed.initialize()  # a second call must be a no-op
     import jax, jax.numpy as jnp
@@ -196,7 +196,8 @@ def test_two_processes_form_one_mesh(tmp_path, launcher):
 ROWS_WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from first_jax import data, distributed, sharding
+    from first_jax.data import batches as data
+    from first_jax.runtime import distributed, sharding
     distributed.initialize()
     import jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -230,7 +231,7 @@ def test_two_processes_each_feed_only_their_rows_of_the_global_batch(tmp_path):
   seed = int(np.random.default_rng().integers(1 << 30))
   results = run_two(tmp_path, ROWS_WORKER, seed, timeout_s=180)
   # the global batches one process computes from all the rows
-  from first_jax import data
+  from first_jax.data import batches as data
   rng = np.random.default_rng(seed)
   n, B, L = 40, 8, 12
   lengths = rng.integers(2, L + 1, size=n)

@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from first_jax import cli
-from first_jax import config as config_lib
+from first_jax import cli, config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -128,7 +127,8 @@ def test_train_help_exits_0_fast_and_lists_temperature_mode():
 
 
 def test_help_starts_no_jax_backend():
-  code = ("import sys; from first_jax import cli, train; rc = cli.stage_main(train.run, "
+  code = ("import sys; from first_jax import cli; from first_jax.stages import train; "
+          "rc = cli.stage_main(train.run, "
           "['--help']); from jax._src import xla_bridge as xb; "
           "sys.exit(rc or (3 if getattr(xb, '_backends', {}) else 0))")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 from first_jax.models import gguf_io
 
 # Names as llama.cpp's convert_hf_to_gguf writes them, spelled out independently of gguf_io.
@@ -150,7 +150,7 @@ def test_unpermute_turns_interleaved_rope_into_rotate_half():
     s_bad = (_rope(x_NxD @ wq_gguf[rows].T, pos_N, 1e4, False)
              @ _rope(x_NxD @ wk_gguf[rows].T, pos_N, 1e4, False).T)
     assert not np.allclose(s_bad, s_ref, atol=1e-3)
-  np.testing.assert_array_equal(gguf_io.permute_qk(wq_hf, n_head), wq_gguf)
+  np.testing.assert_array_equal(_llamacpp_permute(wq_hf, n_head), wq_gguf)
 
 
 def test_transformers_model_from_gguf_matches_original(tmp_path):
@@ -193,7 +193,7 @@ def test_names_and_errors(tmp_path):
 
 def botchan_note() -> str:
   """The translator's note of Botchan (first two paragraphs, 353 SmolLM2 tokens)."""
-  from first_jax import assets
+  from first_jax.data import assets
 
   text = assets.fetch("botchan").read_text(encoding="utf-8").replace("\r\n", "\n")
   end = "lasting appeal to the reader."
@@ -212,7 +212,7 @@ def brown_news_paragraph(doc: str = "ca01") -> str:
   neighbour, the sentence-final "." Brown adds after an abbreviation ("Jr. .") is dropped, the
   token order is kept (Brown's ''. stays ".), and sentences are joined by single spaces.
   """
-  from first_jax import assets
+  from first_jax.data import assets
 
   raw = (assets.fetch("brown").parent / doc).read_text(encoding="utf-8")
   sentences = []
@@ -238,7 +238,7 @@ def brown_news_paragraph(doc: str = "ca01") -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-  from first_jax import assets
+  from first_jax.data import assets
 
   path = assets.fetch("smollm2")
   start = time.perf_counter()
@@ -274,7 +274,7 @@ def test_smollm2_perplexity(smollm2):
   """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from first_jax import tokenizer
+  from first_jax.data import tokenizer
   from first_jax.models import load_pretrained
 
   path, cfg, state = smollm2
@@ -287,8 +287,8 @@ def test_smollm2_perplexity(smollm2):
     return model
 
   ref = torch_model(state)
-  still_permuted = torch_model({k: (gguf_io.permute_qk(v, 9) if ".q_proj." in k else
-                                    gguf_io.permute_qk(v, 3) if ".k_proj." in k else v)
+  still_permuted = torch_model({k: (_llamacpp_permute(v, 9) if ".q_proj." in k else
+                                    _llamacpp_permute(v, 3) if ".k_proj." in k else v)
                                 for k, v in state.items()})
 
   def perplexity(logits_LxV, ids):

@@ -8,8 +8,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from first_jax import data, evaluate, sources
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.data import batches as data, sources
+from first_jax.stages import evaluate
 
 
 def _vader_tar(tmp_path, rows, ratings, bom=False):
@@ -179,7 +180,7 @@ def test_human_metrics_against_float64():
 
 
 def test_encode_mc_carries_human_shares():
-  from first_jax import tokenizer as tokenizer_lib
+  from first_jax.data import tokenizer as tokenizer_lib
   tok = tokenizer_lib.load("gpt2")
   exs = [sources.MCExample("a", ["x", "y", "z"], 0, human=(0.2, 0.3, 0.5)),
          sources.MCExample("b", ["x", "y"], 1)]
@@ -198,7 +199,8 @@ def test_vader_config_data_carries_the_raters(tmp_path):
   """The README job's data as the stages get it: splits of the tweets, 3 choices, the raters'
   shares on every row in-domain and out-of-domain."""
   import os
-  from first_jax import config as config_lib, workspace
+  from first_jax import config as config_lib
+  from first_jax.engine import workspace
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg = config_lib.load(["--config", os.path.join(root, "configs", "demo.py"),
                          f"--config.workdir={tmp_path}", "--config.tokenizer=gpt2",
@@ -220,7 +222,8 @@ def test_pipeline_on_vader_reports_the_human_metrics(tmp_path):
   raters' shares ride along the training batches unharmed and the evaluation reports the
   human-label metrics beside ECE, in-domain and out-of-domain."""
   import os
-  from first_jax import cli, pipeline
+  from first_jax import cli
+  from first_jax.stages import pipeline
   smoke = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                        "smoke.py")
   wd = tmp_path / "wd"
@@ -250,7 +253,8 @@ def test_configs_on_bigbench_stop_in_one_line_without_a_copy(tmp_path, monkeypat
   the first study's configs exit 2 before writing anything, with one line naming the asset and
   how to supply it."""
   import os
-  from first_jax import cli, pipeline
+  from first_jax import cli
+  from first_jax.stages import pipeline
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.delenv("FIRST_JAX_BIGBENCH", raising=False)
   monkeypatch.setenv("FIRST_JAX_CACHE", str(tmp_path / "cache"))
@@ -267,7 +271,8 @@ def test_out_of_domain_tasks_with_more_choices_share_one_answer_width(tmp_path):
   """A 2-choice in-domain task beside a 3-choice out-of-domain one (QuaRTz and SocialIQa in
   configs/trust_evals.py): every set is encoded with the most choices of any question."""
   import os
-  from first_jax import config as config_lib, workspace
+  from first_jax import config as config_lib
+  from first_jax.engine import workspace
   rng = np.random.default_rng(11)
   two = [{"input": [{"role": "user", "content": f"q{i} A: up B: down"}],
           "ideal": "AB"[rng.integers(2)]} for i in range(40)]

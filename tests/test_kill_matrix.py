@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from first_jax import store
+from first_jax.data import store
 from tests.test_multiprocess import ROOT, SMOKE, STEERING
 
 # Same for the unbroken run and every killed / resumed run (the smoke defaults reach every
@@ -47,7 +47,8 @@ RUNS = ("teacher", "students/sft", "students/kd", "students/first")
 # $KILL_MATRIX_HOLD is written and not yet renamed onto its target.
 HOLD_BOOT = r"""
 import contextlib, os, runpy, signal, sys
-from first_jax import io_util, store
+from first_jax.runtime import io_util
+from first_jax.data import store
 from first_jax.models import hf_io
 _atomic_path, _where = io_util.atomic_path, os.environ["KILL_MATRIX_HOLD"]
 
@@ -179,7 +180,7 @@ CASES = [
          seed=BEFORE_EXTRACT, hold="store/.tmp-shard-h000-00001.bin-"),
     Case("extract-shard-recorded", "extract", "store/manifest.json lists shard 0, not complete",
          store_shards(1), seed=BEFORE_EXTRACT, landed=store_shards(1)),
-    Case("calibrate", "calibrate", 'log line "pipeline: calibrate"', logged("pipeline: calibrate"),
+    Case("calibrate", "calibrate", 'log line "calibrate: running"', logged("calibrate: running"),
          seed=BEFORE_EXTRACT,
          landed=lambda wd, log: "calibration" not in (store.read_manifest(
              os.path.join(wd, "store")) or {"calibration": 1})),
@@ -404,7 +405,7 @@ def test_the_next_store_writer_removes_its_hosts_temp_files_left_by_a_kill(tmp_p
 
 
 def test_an_export_removes_the_temp_files_a_killed_export_left(tmp_path):
-  from first_jax import workspace
+  from first_jax.engine import workspace
   from tests.test_step import tiny
 
   class NoTokenizer:

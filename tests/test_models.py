@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import first_jax.models
-from first_jax.errors import UserError
-from first_jax.models import (ModelConfig, Decoder, hf_to_params, init_params, layer_subset,
-                              load_pretrained, params_to_hf, save_pretrained, trim_vocab)
+from first_jax.runtime.errors import UserError
+from first_jax.models import (Decoder, hf_to_params, init_params, layer_subset, load_pretrained,
+                              ModelConfig, params_to_hf, save_pretrained, trim_vocab)
 
 V = 300
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

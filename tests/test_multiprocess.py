@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from first_jax import store
+from first_jax.data import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")

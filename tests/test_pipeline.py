@@ -8,8 +8,10 @@ import pytest
 import torch
 import transformers
 
-from first_jax import cli, pipeline, store, train, workspace
-from first_jax import config as config_lib
+from first_jax.data import store
+from first_jax import cli, config as config_lib
+from first_jax.engine import workspace
+from first_jax.stages import base, pipeline, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -18,11 +20,11 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 def done_already(cfg) -> set[str]:
   """The stages a run of `cfg` would skip (a stage counts only when every stage before it
   does): what the pipeline checks before each stage."""
-  checks, done = pipeline._Checks(cfg), set()
-  for name in pipeline.STAGES:
-    if not checks.is_done(name):
+  inputs, done = base.Inputs(cfg), set()
+  for stage in pipeline.ORDER:
+    if not stage.is_done(cfg, inputs):
       break
-    done.add(name)
+    done.add(stage.name)
   return done
 
 
@@ -167,7 +169,7 @@ def test_a_done_student_of_an_unfinished_train_stage_finishes_its_pruning(workdi
 def test_an_evaluation_rerun_removes_the_temp_files_a_killed_one_left(workdir, tmp_path):
   # the SIGKILL matrix's case: killed between writing eval/events.json's temp file and its rename
   import shutil
-  from first_jax import evaluate
+  from first_jax.stages import evaluate
   wd = str(tmp_path / "killed")
   shutil.copytree(workdir, wd)
   os.remove(os.path.join(wd, "eval", "done.json"))  # the kill came before it
@@ -183,12 +185,12 @@ def test_an_evaluation_rerun_removes_the_temp_files_a_killed_one_left(workdir, t
 
 
 def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(workdir, caplog):
-  from first_jax import calibrate, evaluate
+  from first_jax.stages import calibrate, evaluate
   caplog.set_level("INFO")
   args = ["--config", SMOKE, f"--config.workdir={workdir}"]
   cfg = config_lib.load(args)
-  calib = calibrate.run(cfg)
-  results = evaluate.run(cfg)
+  calib = base.execute(calibrate.STAGE, cfg)  # each alone, as its command runs it
+  results = base.execute(evaluate.STAGE, cfg)
   messages = [r.getMessage() for r in caplog.records]
   assert any(m.startswith("calibrate: done already") for m in messages), messages
   assert any(m.startswith("evaluate: done already") for m in messages), messages
@@ -295,7 +297,7 @@ def test_student_fingerprints_follow_the_teacher_and_temperature():
 
 
 def test_evaluate_extra_models_by_path(workdir, tmp_path):
-  from first_jax import evaluate
+  from first_jax.stages import evaluate
   import shutil
   wd = str(tmp_path / "ev")
   shutil.copytree(workdir, wd)
@@ -342,7 +344,7 @@ def test_each_first_variant_trains_with_the_search_for_its_own_mode_and_tail(wor
 
 
 def test_evaluate_rerun_scores_from_the_cache(workdir, tmp_path, caplog):
-  from first_jax import evaluate
+  from first_jax.stages import evaluate
   import shutil
   wd = str(tmp_path / "ev")
   shutil.copytree(workdir, wd)
@@ -364,9 +366,9 @@ def test_premise_is_recorded_and_can_be_required(workdir, tmp_path, capsys):
   holds = (premise["teacher_val_confidence"] > premise["teacher_val_accuracy"]
            and premise["t_log_space"] > 1)
   assert premise["holds"] == holds
-  from first_jax import calibrate
-  rc = cli.stage_main(calibrate.run, ["--config", SMOKE, f"--config.workdir={wd}",
-                                      "--config.calibrate.require_premise=true"])
+  from first_jax.stages import calibrate
+  rc = cli.run_stage("calibrate", ["--config", SMOKE, f"--config.workdir={wd}",
+                                   "--config.calibrate.require_premise=true"])
   assert rc == (0 if holds else 2)
   if not holds:
     assert "calibrate.require_premise" in capsys.readouterr().err
@@ -374,7 +376,7 @@ def test_premise_is_recorded_and_can_be_required(workdir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
-  from first_jax import evaluate
+  from first_jax.stages import evaluate
   import shutil
   wd = str(tmp_path / "ep")
   shutil.copytree(workdir, wd)
@@ -411,7 +413,7 @@ def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path, ca
 
 
 def test_scoring_shortest_first_with_cut_padding_equals_full_padding(workdir):
-  from first_jax import evaluate
+  from first_jax.stages import evaluate
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
   tok = workspace.tokenizer(cfg)
   arrays = workspace.load_data(cfg, tok).splits["test"]

@@ -6,8 +6,7 @@ import os
 import jax
 import pytest
 
-from first_jax import config as config_lib
-from first_jax import models, plan
+from first_jax import config as config_lib, models, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers
 
-from first_jax import step, trainer, xla_options
-from first_jax.models import (Decoder, Model, ModelConfig, apply_fn, init_params, load_pretrained,
-                               precision)
+from first_jax.runtime import xla_options
+from first_jax.core import step
+from first_jax.models import (apply_fn, Decoder, init_params, load_pretrained, Model, ModelConfig,
+                              precision)
+from first_jax.engine import trainer
 
 V = 256
 
@@ -255,6 +257,6 @@ def test_bf16_train_step_temporaries_stay_near_the_f32_steps():
     fn = jax.jit(lambda s, b, m=m: step.train_step(
         s, b, None, student_apply=apply_fn(m.module), teacher_apply=None,
         spec=step.LossSpec(kind="ce"), tx=tx))
-    mem[dt] = fn.lower(step.init_state(m.params, tx, 0), batch).compile(
+    mem[dt] = fn.lower(step.init_state(m.params, tx), batch).compile(
         ).memory_analysis().temp_size_in_bytes
   assert 0 < mem["bfloat16"] <= 1.1 * mem["float32"], mem

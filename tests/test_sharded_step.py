@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import sharding as sh
-from first_jax import step, trainer
-from first_jax.models import Decoder, ModelConfig, apply_fn, init_params
+from first_jax.runtime import sharding as sh
+from first_jax.core import step
+from first_jax.models import apply_fn, Decoder, init_params, ModelConfig
+from first_jax.engine import trainer
 
 TEACHER = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2)
@@ -54,7 +55,7 @@ def _one_step(spec, mesh):
   if spec.online:
     batch = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
   state, fn = trainer.compile_step(Decoder(STUDENT), student, spec, tx, mesh,
-                                   sh.batch_sharding(mesh), seed=0,
+                                   sh.batch_sharding(mesh),
                                    teacher_module=Decoder(TEACHER) if teacher else None,
                                    teacher_params=teacher, events=events,
                                    initial_temperature=1.5)
@@ -105,7 +106,7 @@ def test_one_step_sharded_equals_one_device(kind, shape):
 def test_extraction_on_a_vocab_split_mesh_is_vocab_parallel_and_equals_one_device():
   """With tensor=2 the extraction program takes the top-k per vocabulary shard and merges the
   candidates (no [B, L, V] gather): ids identical to one device, log-probs and tail equal."""
-  from first_jax import infer
+  from first_jax.engine import infer
   batch = {k: v for k, v in _batch().items() if k in ("input_ids", "attention_mask")}
   params = init_params(TEACHER, jax.random.key(2))
   one = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -8,9 +8,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from first_jax import sharding as sh
-from first_jax.errors import UserError
-from first_jax.models import (Decoder, ModelConfig, abstract_params, init_params, load_pretrained,
+from first_jax.runtime import sharding as sh
+from first_jax.runtime.errors import UserError
+from first_jax.models import (abstract_params, Decoder, init_params, load_pretrained, ModelConfig,
                               save_pretrained)
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
@@ -48,7 +48,7 @@ def test_param_shardings_follow_rules(mesh):
 
 def test_indivisible_dimension_replicated_with_warning_or_error(mesh, caplog):
   smol_like = CFG.replace(hidden_size=72, num_heads=9, num_kv_heads=3)  # head_dim 8.
-  with caplog.at_level(logging.WARNING, logger="first_jax.sharding"):
+  with caplog.at_level(logging.WARNING, logger="first_jax.runtime.sharding"):
     s = sh.param_shardings(abstract_params(smol_like), mesh)
   # Only the heads dimension falls back; embed keeps its fsdp sharding.
   assert s["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", None, None)

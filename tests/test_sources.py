@@ -1,4 +1,4 @@
-"""Tests for first_jax.sources: BIG-bench and datasets loaders (choice and text), label rule,
+"""Tests for first_jax.data.sources: BIG-bench and datasets loaders (choice and text), label rule,
 toy task."""
 import json
 import logging
@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from first_jax import sources
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.data import sources
 
 
 def test_load_bigbench_skips_bad_and_shuffles(tmp_path, caplog):
@@ -26,7 +26,7 @@ def test_load_bigbench_skips_bad_and_shuffles(tmp_path, caplog):
           "examples": [g for g, _ in good[:3]] + bad + [g for g, _ in good[3:]]}
   path = tmp_path / "task.json"
   path.write_text(json.dumps(task))
-  with caplog.at_level(logging.WARNING, logger="first_jax.sources"):
+  with caplog.at_level(logging.WARNING, logger="first_jax.data.sources"):
     exs = sources.load_bigbench(path)
   assert "skipped 3 of 9" in caplog.text
   assert len(exs) == 6
@@ -174,7 +174,7 @@ def test_load_bigbench_text_skips_and_counts(tmp_path, caplog):
   pool = good + bads
   examples = [pool[j] for j in order]
   path = _write_task(tmp_path, examples, prefix="")
-  with caplog.at_level(logging.WARNING, logger="first_jax.sources"):
+  with caplog.at_level(logging.WARNING, logger="first_jax.data.sources"):
     got = sources.load_bigbench_text(path, on_bad="skip")
   assert got == [sources.TextExample(pool[j]["input"], pool[j]["target"])
                  for j in order if j < len(good)]
@@ -246,7 +246,7 @@ def test_load_hf_text_bad_rows(tmp_path, caplog):
                      "string, got ''") as info:
     sources.load_hf_text(path, "train", _ALPACA, cache_dir=cache)
   assert "\n" not in str(info.value)
-  with caplog.at_level(logging.WARNING, logger="first_jax.sources"):
+  with caplog.at_level(logging.WARNING, logger="first_jax.data.sources"):
     got = sources.load_hf_text(path, "train", _ALPACA, cache_dir=cache, on_bad="skip")
   assert got == [sources.TextExample("Say hi.", "hi"), sources.TextExample("Count.\n\n1, 2", "3"),
                  sources.TextExample("Ok.", "fine")]

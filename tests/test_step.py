@@ -7,7 +7,9 @@ import pytest
 
 import jax.numpy as jnp
 
-from first_jax import infer, models, step, temperature
+from first_jax.core import step, temperature
+from first_jax import models
+from first_jax.engine import infer
 
 V, L, B = 97, 12, 4
 
@@ -40,7 +42,7 @@ def make_batch(seed):
 def run_steps(model, spec, batch, n, teacher=None, lr=3e-3):
   tx = step.make_optimizer(lr=lr, total_steps=n, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(model.params, tx, seed=0)
+  state = step.init_state(model.params, tx)
   fn = jax.jit(functools.partial(
       step.train_step, student_apply=models.apply_fn(model.module),
       teacher_apply=models.apply_fn(teacher.module) if teacher else None, spec=spec, tx=tx))
@@ -64,7 +66,7 @@ def test_answer_only_equals_full_positions(kind):
   apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
   tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(student.params, tx, 0, initial_temperature=0.7)
+  state = step.init_state(student.params, tx, initial_temperature=0.7)
   out = []
   for answer_only in (False, True):
     spec = step.LossSpec(kind=kind, answer_only=answer_only, online=kind != "ce",
@@ -89,7 +91,7 @@ def test_offline_equals_online_on_the_same_batch(tail, mode):
       teacher.params, batch)
   tx = step.make_optimizer(lr=1e-3, total_steps=1, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(student.params, tx, 0, initial_temperature=0.6)
+  state = step.init_state(student.params, tx, initial_temperature=0.6)
   losses = []
   for online in (False, True):
     spec = step.LossSpec(kind="topk_kd", tail=tail, temperature_mode=mode, online=online)
@@ -111,7 +113,7 @@ def test_online_search_buffers_events_and_starts_from_the_given_temperature():
   apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
   tx = step.make_optimizer(lr=1e-3, total_steps=3, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(student.params, tx, 0, initial_temperature=0.8,
+  state = step.init_state(student.params, tx, initial_temperature=0.8,
                           events=step.event_buffer(64, 5))
   fn = jax.jit(functools.partial(step.train_step, student_apply=apply_s, teacher_apply=apply_t,
                                  spec=spec, tx=tx))
@@ -154,7 +156,7 @@ def test_online_search_ends_within_ten_percent_of_the_offline_search():
   student = tiny(13)
   tx = step.make_optimizer(lr=1e-3, total_steps=16, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(student.params, tx, 0, events=step.event_buffer(2048, 5))
+  state = step.init_state(student.params, tx, events=step.event_buffer(2048, 5))
   fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
       student.module), teacher_apply=teacher_apply, spec=spec, tx=tx))
   for i in range(16):
@@ -169,7 +171,8 @@ def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
   """Through the jitted step training builds (`trainer.compile_step`, state donated): the
   teacher's buffers survive every step (never donated) with their values, and the optimizer
   holds moments shaped like the student's params only (the 2-layer teacher's differ)."""
-  from first_jax import sharding, trainer
+  from first_jax.runtime import sharding
+  from first_jax.engine import trainer
   student, teacher, batch = tiny(9), tiny(10, layers=2), make_batch(11)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   rep = sharding.replicated(mesh)
@@ -180,7 +183,7 @@ def test_teacher_is_not_updated_and_only_student_params_in_opt_state():
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   spec = step.LossSpec(kind="topk_kd", online=True, temperature_mode=None)
   state, fn = trainer.compile_step(student.module, student_params, spec, tx, mesh,
-                                   sharding.batch_sharding(mesh), seed=0,
+                                   sharding.batch_sharding(mesh),
                                    teacher_module=teacher.module, teacher_params=teacher_params)
   losses = []
   for _ in range(3):
@@ -204,17 +207,18 @@ def test_cpu_step_options_compile_and_update_as_the_default_program():
   """`trainer.jit_step` compiles the step with `xla_options.fused_dots` on CPU (a jaxlib that
   renames or drops the option fails here) and makes the same update as the step compiled
   without them, loss, metrics and parameters."""
-  from first_jax import sharding, trainer
+  from first_jax.runtime import sharding
+  from first_jax.engine import trainer
   student, batch = tiny(17, layers=2, hidden=64), make_batch(18)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tx = step.make_optimizer(lr=3e-3, total_steps=4, warmup_ratio=0.0, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
   spec = step.LossSpec(kind="ce")
   state, fn = trainer.compile_step(student.module, student.params, spec, tx, mesh,
-                                   sharding.batch_sharding(mesh), seed=0)
+                                   sharding.batch_sharding(mesh))
   plain = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(
       student.module), teacher_apply=None, spec=spec, tx=tx))
-  ref_state = step.init_state(student.params, tx, seed=0)
+  ref_state = step.init_state(student.params, tx)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   fn, plain = fn.lower(state, batch, None).compile(), plain.lower(ref_state, batch, None).compile()
   # the options took: YNNPACK's matmuls come fused with their neighbours, in fewer calls
@@ -256,7 +260,7 @@ def test_non_finite_gradient_skips_the_update():
   good = {**batch, "teacher_ids": rng.integers(0, V, (B, L, 5)).astype(np.int32),
           "teacher_logprobs": lp, "teacher_tail": np.log1p(-np.exp(lp).sum(-1))}
   bad = {**good, "teacher_logprobs": np.where(np.arange(5) == 2, np.nan, lp).astype(np.float32)}
-  state = step.init_state(student.params, tx, 0)
+  state = step.init_state(student.params, tx)
   before = jax.tree.map(np.asarray, state.params)
   state, m = fn(state, bad)
   assert float(m["skipped"][0]) == 1.0

@@ -5,8 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from first_jax import cli, pipeline, store, workspace
-from first_jax import config as config_lib
+from first_jax.data import store
+from first_jax import cli, config as config_lib
+from first_jax.engine import workspace
+from first_jax.stages import pipeline
 
 # Slow (the default suite's 10-minute budget): text data through every stage (~4 min).
 pytestmark = pytest.mark.slow
@@ -97,7 +99,7 @@ def test_online_search_runs_on_response_token_events(workdir, tmp_path):
   """distill.mode=online with the in-step search: the buffer fills with response-token events
   (every scored position), and the searched temperature moves away from its start."""
   import shutil
-  from first_jax import train
+  from first_jax.stages import train
   wd, args = workdir
   copy = str(tmp_path / "wd")
   shutil.copytree(wd, copy)

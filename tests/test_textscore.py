@@ -4,7 +4,8 @@ import functools
 import jax
 import numpy as np
 
-from first_jax import sharding, textscore
+from first_jax.runtime import sharding
+from first_jax.engine import textscore
 
 MESH1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 

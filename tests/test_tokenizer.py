@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from first_jax import tokenizer
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.data import tokenizer
 
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _TRAIN = [
@@ -146,7 +146,7 @@ def test_errors(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizer():
-  from first_jax import assets
+  from first_jax.data import assets
   from tests.test_gguf_io import botchan_note
 
   tok = tokenizer.load(assets.fetch("smollm2"))
@@ -169,7 +169,7 @@ def test_smollm2_gguf_tokenizer():
 
 @pytest.mark.slow
 def test_gpt2_asset_tokenizer():
-  from first_jax import assets
+  from first_jax.data import assets
 
   tok = tokenizer.load("gpt2")
   assert len(tok) == 50257 and tok.eos_token == tok.pad_token == "<|endoftext|>"

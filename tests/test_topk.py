@@ -1,12 +1,12 @@
-"""first_jax.topk against float64 NumPy, and vocab-parallel == plain on 8 fake CPU devices."""
+"""first_jax.core.topk against float64 NumPy, and vocab-parallel == plain on 8 fake CPU devices."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from first_jax import topk
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.core import topk
 
 _extract = jax.jit(topk.extract, static_argnums=1)
 

@@ -8,7 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from first_jax import data, models, preemption, step, trainer
+from first_jax.runtime import preemption
+from first_jax.core import step
+from first_jax.data import batches as data
+from first_jax import models
+from first_jax.engine import trainer
 from tests.test_step import make_batch, tiny
 
 
@@ -32,7 +36,7 @@ def run(folder, total, kill_after=None, sigterm_at=None, resume=True, batches=No
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=total, warmup_ratio=0.2, weight_decay=0.01,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(model.params, tx, seed=0)
+  state = step.init_state(model.params, tx)
   fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(model.module),
                                  teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
   calls = {"n": 0}
@@ -106,11 +110,11 @@ def test_sigterm_saves_at_the_current_step_and_resumes_exactly(tmp_path):
 
 
 def test_a_run_of_non_finite_steps_stops_with_one_line(tmp_path):
-  from first_jax.errors import UserError
+  from first_jax.runtime.errors import UserError
   model = tiny(0)
   tx = step.make_optimizer(lr=3e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.0,
                            clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  state = step.init_state(model.params, tx, seed=0)
+  state = step.init_state(model.params, tx)
   fn = jax.jit(functools.partial(step.train_step, student_apply=models.apply_fn(model.module),
                                  teacher_apply=None, spec=step.LossSpec(kind="ce"), tx=tx))
   nan_params = jax.tree.map(lambda x: x * np.nan, model.params)

@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from first_jax import config as config_lib, workspace
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax import config as config_lib
+from first_jax.engine import workspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")

@@ -11,8 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from first_jax import calibrate, cli, config as config_lib, extract, finetune, pipeline, sources
-from first_jax import store, tokenizer as tokenizer_lib, train, workspace
+from first_jax.data import sources, store, tokenizer as tokenizer_lib
+from first_jax import cli, config as config_lib
+from first_jax.engine import workspace
+from first_jax.stages import calibrate, extract, finetune, pipeline, train
 
 # Slow (the default suite's 10-minute budget): the guide's commands end to end (~2 min).
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16")

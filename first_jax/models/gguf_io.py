@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 _log = logging.getLogger(__name__)
 
@@ -84,14 +84,9 @@ def hf_name(gguf_name: str) -> str | None:
   return None
 
 
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """llama.cpp's permutation of Q/K rows (HF rotate-half -> GGUF interleaved); for tests."""
-  rows = w.shape[0]
-  return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Inverse of `permute_qk`: GGUF interleaved rows back to transformers' rotate-half order."""
+  """llama.cpp's GGUF interleaved Q/K rows back to transformers' rotate-half order (the inverse
+  of llama.cpp's convert script's permutation)."""
   rows = w.shape[0]
   return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

@@ -23,11 +23,11 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from first_jax.errors import UserError
-from first_jax.io_util import atomic_path, atomic_write_json
+from first_jax.runtime.errors import UserError
+from first_jax.runtime.io_util import atomic_path, atomic_write_json
+from first_jax.runtime.sharding import DEFAULT_RULES, param_shardings, put_global, Rules, unbox
 from first_jax.models.config import DTYPES, ModelConfig
-from first_jax.models.llama import Decoder, abstract_params
-from first_jax.sharding import DEFAULT_RULES, Rules, param_shardings, put_global, unbox
+from first_jax.models.llama import abstract_params, Decoder
 
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")

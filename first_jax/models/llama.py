@@ -5,7 +5,7 @@ V vocab, H query heads, G key-value heads, R = H // G query heads per kv head, E
 F MLP width.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `norm`, plus `layers` when scanned) that `first_jax.sharding` maps onto a mesh.
+`mlp`, `norm`, plus `layers` when scanned) that `first_jax.runtime.sharding` maps onto a mesh.
 
 Precision: `config.dtype` is the matmuls' operand dtype; every matmul accumulates in float32,
 forward and backward (`precision.einsum`), and everything between the matmuls (residual
@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
+from first_jax.runtime.sharding import unbox
 from first_jax.models import precision
 from first_jax.models.config import ModelConfig
-from first_jax.sharding import unbox
 
 # A finite "minus infinity": a fully masked row (a padded query) softmaxes to uniform, not NaN.
 _MASKED = float(np.finfo(np.float32).min)

@@ -24,8 +24,9 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,14 @@ def process_info() -> tuple[int, int]:
 def is_main() -> bool:
   """True on process 0, the one that writes shared files (merged manifests, plots, reports)."""
   return jax.process_index() == 0
+
+
+def all_processes(flag: bool) -> bool:
+  """True when `flag` holds on every process (a collective: every host takes the same branch)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def sync(name: str) -> None:

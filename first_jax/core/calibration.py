@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 BINNINGS = ("equal_width", "equal_mass")
 

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration, infer, models, step
+from first_jax.core import calibration, step
+from first_jax import models
+from first_jax.engine import infer
 
 
 def grid(lo: float, hi: float, num: int) -> np.ndarray:

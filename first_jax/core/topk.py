@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 # Log-mass standing for "exactly zero": finite so that 0 * log 0 terms stay 0, never NaN.
 TAIL_FLOOR = -1.0e4

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 # llama.cpp token types (gguf.TokenType): 3 = control (special), 4 = user-defined (added, matched whole).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -90,7 +90,7 @@ def _from_gguf(path: Path):
 def _gpt2(cache_dir: str | os.PathLike | None = None):
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-  from first_jax import assets
+  from first_jax.data import assets
 
   encoder = assets.fetch("gpt2_tokenizer", cache_dir)
   tok = Tokenizer(models.BPE.from_file(str(encoder), str(encoder.parent / "vocab.bpe")))

@@ -3,7 +3,7 @@
 Shape letters: N examples, L sequence length, C choices, B batch (docs/design.md).
 
 Owns everything after the examples are loaded (the example types and loaders live in
-`first_jax.sources`): `format_mc` / `format_text` build prompt and response text;
+`first_jax.data.sources`): `format_mc` / `format_text` build prompt and response text;
 `encode_mc` / `encode_text` give padded arrays (prompt and response are tokenized separately
 and concatenated, so the answer letter is always its own token); `split_examples` makes
 disjoint, recorded splits; `fingerprint` hashes examples + encoding settings; `BatchIterator`
@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from first_jax.errors import UserError
-from first_jax.io_util import atomic_write_json
-from first_jax.sources import LETTERS, Example, MCExample, TextExample
+from first_jax.runtime.errors import UserError
+from first_jax.runtime.io_util import atomic_write_json
+from first_jax.data.sources import Example, LETTERS, MCExample, TextExample
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from first_jax import checkpoint as ckpt_lib
-from first_jax import data as data_lib
-from first_jax import distributed
-from first_jax import io_util, models
-from first_jax import log as log_lib
-from first_jax import preemption, sharding
-from first_jax import step as step_lib
-from first_jax import xla_options
-from first_jax.errors import UserError
+from first_jax.runtime import (checkpoint as ckpt_lib, distributed, io_util, log as log_lib,
+                               preemption, sharding, xla_options)
+from first_jax.runtime.errors import UserError
+from first_jax.core import step as step_lib
+from first_jax.data import batches as data_lib
+from first_jax import models
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ class MetricsWriter:
   def __init__(self, folder: str, resumed_at: int = 0):
     """`resumed_at`: rows of later steps (logged before a kill, about to be redone) are dropped."""
     self._jsonl = self._tb = None
-    if jax.process_index() != 0:
+    if not distributed.is_main():
       return
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "metrics.jsonl")
@@ -119,7 +116,7 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
     folder: the run's folder (checkpoints/, metrics.jsonl, tensorboard/).
     state: the initial train state (already placed with its shardings).
     step_fn: jitted `(state, batch, teacher_params) -> (state, metrics)`.
-    batches: iterator of host batches with `state()` / `restore(dict)` (first_jax.data).
+    batches: iterator of host batches with `state()` / `restore(dict)` (first_jax.data.batches).
     total_steps: steps of the whole run (a resumed run continues up to it).
     put_batch: host batch -> device batch (adds store targets, shards over the mesh).
     max_skipped: stop (UserError) after this many steps in a row whose update was skipped for a
@@ -129,7 +126,7 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=keep)
   if not resume and ckpt.latest_step() is not None:  # start over: the old steps moved aside
     ckpt.close()
-    if jax.process_index() == 0:
+    if distributed.is_main():
       aside = f"{ckpt_dir}.old-{int(time.time())}"
       os.rename(ckpt_dir, aside)
       log.warning("%s: resume=false, starting over; earlier checkpoints moved to %s", name, aside)
@@ -186,12 +183,12 @@ def fit(*, name: str, folder: str, state: Any, step_fn: StepFn, batches: Any,
 
 def state_shardings(tx, params: Any, events: Any, mesh) -> step_lib.TrainState:
   """The train state's layout: params as placed (logical rules), optimizer moments like their
-  params (`sharding.opt_state_shardings`), counters, RNG, temperature and events replicated."""
+  params (`sharding.opt_state_shardings`), counters, temperature and events replicated."""
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   rep = sharding.replicated(mesh)
   return step_lib.TrainState(
       step=rep, params=param_sh,
-      opt_state=sharding.opt_state_shardings(tx, params, param_sh, mesh), rng=rep,
+      opt_state=sharding.opt_state_shardings(tx, params, param_sh, mesh),
       temperature=rep, events=None if events is None else jax.tree.map(lambda _: rep, events))
 
 
@@ -218,12 +215,12 @@ def _compute_dtype(*modules) -> str:
   return next((d for d in dtypes if d != "float32"), "float32")
 
 
-def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, seed: int,
-                 teacher_module=None, teacher_params: Any = None, events: Any = None,
+def compile_step(module, params: Any, spec, tx, mesh, batch_sharding, *, teacher_module=None,
+                 teacher_params: Any = None, events: Any = None,
                  initial_temperature: float = 1.0) -> tuple[step_lib.TrainState, StepFn]:
   """The initial train state, placed (`state_shardings`), and its jitted step (`jit_step`)."""
   state_sh = state_shardings(tx, params, events, mesh)
-  state = jax.jit(functools.partial(step_lib.init_state, tx=tx, seed=seed,
+  state = jax.jit(functools.partial(step_lib.init_state, tx=tx,
                                     initial_temperature=initial_temperature),
                   out_shardings=state_sh)(params, events=events)
   teacher_sh = (None if teacher_params is None
@@ -256,7 +253,7 @@ def train_model(*, name: str, folder: str, module, params: Any, arrays: dict, sp
     events = step_lib.event_buffer(
         spec.search_events, spec.k,
         arrays["choice_ids"].shape[1] if spec.search_choices else 0)
-  state, step_fn = compile_step(module, params, spec, tx, mesh, batch_sharding, seed=seed,
+  state, step_fn = compile_step(module, params, spec, tx, mesh, batch_sharding,
                                 teacher_module=teacher_module, teacher_params=teacher_params,
                                 events=events, initial_temperature=initial_temperature)
 

@@ -29,8 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from first_jax import distributed
-from first_jax.errors import UserError
+from first_jax.runtime import distributed
+from first_jax.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Checkpointer:
                 f"version: move {self.directory} aside to start over") from None
           error = e
           gc.collect()  # close the failed restore's leftover reads now, while they are quiet
-        if _everywhere(error is None):
+        if distributed.all_processes(error is None):
           return state, data, step
         moved.append(self._move_aside(step, error, (steps[i + 1:] or [None])[0]))
     finally:
@@ -151,7 +151,7 @@ class Checkpointer:
     while not os.path.exists(path):  # the folder may not exist before the first save
       path = os.path.dirname(path)
     free = shutil.disk_usage(path).free
-    if not _everywhere(free >= needed):
+    if not distributed.all_processes(free >= needed):
       raise UserError(f"{self.directory}: not enough free disk space for a checkpoint: needs "
                       f"{needed} bytes ({_human(needed)}, {what}), {free} bytes free "
                       f"({_human(free)}); free some space and re-run to resume")
@@ -169,9 +169,6 @@ class Checkpointer:
         self._sizes[step] = total
       return step, self._sizes[step]
     return None, 0
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
@@ -194,7 +191,7 @@ def after_done(directory: str, policy: str) -> int:
   """
   assert policy in AFTER_DONE, policy
   freed = 0
-  if jax.process_index() == 0:
+  if distributed.is_main():
     doomed = []
     if policy != "all" and os.path.isdir(directory):
       steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
@@ -261,14 +258,6 @@ def _human(n: float) -> str:
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1000
   return str(n)
-
-
-def _everywhere(ok: bool) -> bool:
-  """True when `ok` holds on every process (a collective: all hosts take the same branch)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).min())
 
 
 def _from_orbax(exc: BaseException | None) -> bool:

@@ -20,8 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from first_jax.errors import UserError
-from first_jax.topk import TAIL_FLOOR, acc_dtype, log1mexp
+from first_jax.runtime.errors import UserError
+from first_jax.core.topk import acc_dtype, log1mexp, TAIL_FLOOR
 
 TAILS = ("bucket", "renormalize")
 DIRECTIONS = ("forward", "reverse", "jsd")
@@ -159,7 +159,7 @@ def topk_kd(student_logits_BxLxV: jax.Array, teacher_ids_BxLxK: jax.Array,
     student_logits_BxLxV: student logits (any float dtype; reductions run in >= float32).
     teacher_ids_BxLxK: teacher's top-k ids (distinct per position).
     teacher_logprobs_BxLxK: teacher log-probs at those ids, already temperature-rescaled by
-      the caller (e.g. `split_tail(rescale(lp, t, mode, tail))`).
+      the caller (e.g. the first K entries of `rescale(lp, t, mode, tail)`).
     mask_BxL: position weights (0 = ignore).
     tail: "bucket": divergence over K + 1 bins, the last = 1 - (mass on the K ids) on each
       side; "renormalize": both sides renormalised over the K ids (any tail is ignored).

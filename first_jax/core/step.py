@@ -10,8 +10,10 @@ One step function serves every training stage; `LossSpec` (static, hashable) pic
   full_kd  full-vocabulary KL to an online teacher at temperature T        [reference baseline]
 Metrics are (sum, count) pairs so that averages over steps and hosts are token-weighted.
 
-Batch keys (first_jax.data): input_ids_BxL, attention_mask_BxL, targets_BxL, loss_mask_BxL, and
-for offline KD teacher_ids_BxLxK, teacher_logprobs_BxLxK, teacher_tail_BxL.
+Batch keys (first_jax.data.batches), with their shapes: input_ids [B, L], attention_mask [B, L],
+targets [B, L], loss_mask [B, L]; response-only multiple choice also answer_pos [B] and
+choice_ids [B, C]; offline KD teacher_ids [B, L, K], teacher_logprobs [B, L, K] and
+teacher_tail [B, L] (from the store).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from first_jax import losses, temperature, topk
+from first_jax.core import losses, temperature, topk
 
 Apply = Callable[..., jax.Array]  # (params, input_ids_BxL, attention_mask_BxL) -> logits_BxLxV
 
@@ -33,7 +35,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array
   temperature: jax.Array  # teacher temperature in use (the in-step search's when searching)
   events: Any = None  # online search: ring buffer of the latest teacher events (`event_buffer`)
 
@@ -106,11 +107,10 @@ def event_buffer(size: int, k: int, num_choices: int = 0) -> dict[str, jax.Array
   return buf
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int,
-               initial_temperature: float = 1.0, events: Any = None) -> TrainState:
+def init_state(params: Any, tx: optax.GradientTransformation, initial_temperature: float = 1.0,
+               events: Any = None) -> TrainState:
   """`events`: an `event_buffer` when the temperature is searched in the step."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)),
                     temperature=jnp.asarray(initial_temperature, jnp.float32), events=events)
 
 
@@ -256,7 +256,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: A
   grad_norm = optax.tree.norm(grads)
   metrics["grad_norm"] = (grad_norm, jnp.ones(()))
   metrics["skipped"] = ((~jnp.isfinite(grad_norm)).astype(jnp.float32), jnp.ones(()))
-  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             temperature=t.astype(jnp.float32), events=events)
   return new_state, metrics

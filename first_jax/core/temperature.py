@@ -8,9 +8,9 @@ Two re-scalings (both return log-probabilities):
   Entries of zero probability still get weight exp(0) — that is the paper's formula.
 - "log_space" (Guo et al. 2017): softmax(log p / t) = p^(1/t) renormalised; t = 1 is the identity.
 
-With a tail log-mass (see `first_jax.topk`) the tail is one more bin: inputs [..., K] + [...]
-give outputs [..., K + 1] whose last entry is the re-scaled tail (`split_tail` separates them
-for `first_jax.losses.topk_kd`). Without a tail the K entries are re-scaled among themselves.
+With a tail log-mass (see `first_jax.core.topk`) the tail is one more bin: inputs [..., K] + [...]
+give outputs [..., K + 1] whose last entry is the re-scaled tail (`[..., :-1]` and `[..., -1]`
+are what `first_jax.core.losses.topk_kd` takes). Without a tail the K entries are re-scaled among themselves.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from first_jax import calibration
-from first_jax.errors import UserError
-from first_jax.topk import TAIL_FLOOR
+from first_jax.runtime.errors import UserError
+from first_jax.core import calibration
+from first_jax.core.topk import TAIL_FLOOR
 
 MODES = ("prob_softmax", "log_space")
 
@@ -44,11 +44,6 @@ def rescale(logprobs_xK: jax.Array, t: jax.Array | float, mode: str,
   t = jnp.asarray(t, jnp.float32)
   z_xK = jnp.exp(lp_xK) / t if mode == "prob_softmax" else lp_xK / t
   return jax.nn.log_softmax(z_xK, axis=-1)
-
-
-def split_tail(logprobs_xKp1: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """[..., K + 1] from `rescale` with a tail -> ([..., K] log-probs, [...] tail log-mass)."""
-  return logprobs_xKp1[..., :-1], logprobs_xKp1[..., -1]
 
 
 def default_grid(mode: str) -> np.ndarray:

@@ -3,9 +3,11 @@
     workdir/
       data/split.json             split record (indices + hashes per split), data fingerprint
       teacher/                    fine-tuning run (checkpoints/, metrics.jsonl) + export/ (HF)
-      store/                      top-k store (manifest.json, shards) + calibration.png
+      store/                      top-k store (manifest.json, shards), calibration_<mode>.png,
+                                  topk_mass.png
       students/<variant>/         one training run per student variant + export/
       eval/                       results.json, results.md, reliability PNGs
+      timings.json                seconds of each stage that did its work
 Each stage folder gets a done.json holding the fingerprint of the config it ran with, so the
 pipeline skips stages that are done and re-runs those whose inputs changed.
 """
@@ -27,10 +29,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from first_jax import assets, checkpoint, data, distributed, io_util, sharding, sources
-from first_jax import tokenizer as tokenizer_lib
+from first_jax.runtime import checkpoint, distributed, io_util, sharding
+from first_jax.runtime.errors import UserError
+from first_jax.data import assets, batches as data, sources, tokenizer as tokenizer_lib
 from first_jax import config as config_lib, models
-from first_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def is_done(path: str, fp: str) -> bool:
 
 def mark_done(path: str, fp: str, **info: Any) -> None:
   """Written by process 0; every process leaves only once it is there."""
-  if jax.process_index() == 0:
+  if distributed.is_main():
     io_util.atomic_write_json(os.path.join(path, "done.json"), {"fingerprint": fp, **info})
   distributed.sync(f"done:{path}")
 
@@ -146,7 +148,7 @@ def start_run(path: str, fp: str) -> None:
   is moved aside to `<path>.stale-<its fingerprint>`; a folder of the same config is kept, so
   the run resumes from its checkpoints.
   """
-  if jax.process_index() == 0:  # process 0 claims the folder for every process
+  if distributed.is_main():  # process 0 claims the folder for every process
     _claim(path, fp)
   distributed.sync(f"start:{path}")
 
@@ -182,7 +184,7 @@ def start_over(path: str) -> str | None:
     while os.path.exists(aside):  # two stages, or two runs, within one second
       n += 1
       aside = f"{base}-{n}"
-    if jax.process_index() == 0:
+    if distributed.is_main():
       os.rename(path, aside)
       log.warning("resume=false: moved %s to %s; the stage starts over", path, aside)
   distributed.sync(f"start_over:{path}")
@@ -195,7 +197,7 @@ def lock(cfg: ml_collections.ConfigDict) -> Iterator[None]:
   locks) for one run; a second run on the workdir is a UserError naming the holder. Taken by
   process 0 only (the other hosts of a multi-host run share its workdir). A workdir this run
   created and left empty (e.g. a config error found by a stage's own checks) is removed."""
-  if jax.process_index() != 0:
+  if not distributed.is_main():
     yield
     return
   path = folder(cfg, ".lock")
@@ -252,7 +254,7 @@ def tokenizer(cfg: ml_collections.ConfigDict):
 
 @dataclasses.dataclass
 class Data:
-  splits: dict[str, dict[str, np.ndarray]]  # train / validation / test arrays (first_jax.data)
+  splits: dict[str, dict[str, np.ndarray]]  # train / validation / test arrays (first_jax.data.batches)
   ood: dict[str, dict[str, np.ndarray]]  # out-of-domain task -> test arrays
   fingerprint: str  # of the in-domain examples, tokenizer and shapes
   num_choices: int  # kind=choice: the most choices of an example; kind=text: 0
@@ -378,7 +380,7 @@ def load_data(cfg: ml_collections.ConfigDict, tok) -> Data:
   arrays = {name: encode(exs) for name, exs in splits.items()}
   ood = {task: encode(exs) for task, exs in ood_examples.items()}
   fp = _data_fingerprint(cfg, tok, examples)
-  if jax.process_index() == 0:
+  if distributed.is_main():
     data.save_split_record(folder(cfg, "data", "split.json"), {**record, "fingerprint": fp})
   return Data(splits=arrays, ood=ood, fingerprint=fp, num_choices=num_choices, kind=d.kind)
 
@@ -471,7 +473,7 @@ def export(model: models.Model, tok, path: str) -> None:
   if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
     from jax.experimental import multihost_utils
     model = models.Model(model.config, multihost_utils.process_allgather(model.params, tiled=True))
-  if jax.process_index() == 0:
+  if distributed.is_main():
     # a killed export's temp files (the workdir is locked): io_util's, and safetensors' own
     # (save_file writes <dir>/.tmpXXXXXX, then renames it)
     io_util.remove_stale_temps(path, ".tmp-*", ".tmp" + "[0-9A-Za-z]" * 6)

@@ -22,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from first_jax import data as data_lib, log as log_lib, models, sharding, step, topk
-from first_jax.errors import UserError
+from first_jax.runtime import log as log_lib, sharding
+from first_jax.runtime.errors import UserError
+from first_jax.core import step, topk
+from first_jax.data import batches as data_lib
+from first_jax import models
 
 
 def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply, k: int,
@@ -64,13 +67,6 @@ def jit(fn: Callable, params: Any, mesh) -> Callable:
   bs = sharding.batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(jax.tree.map(lambda x: x.sharding, params), bs),
                  out_shardings=bs)
-
-
-def all_processes(flag: bool) -> bool:
-  """True when `flag` holds on every process (a decision all of them must take together)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.all(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def _local(x: jax.Array, mesh) -> np.ndarray:

@@ -4,9 +4,10 @@ Params carry logical axis names (see first_jax/models/llama.py); `DEFAULT_RULES`
 mesh axes. A mesh axis shards at most one dimension of a given array (the first that asks).
 
 Indivisible dimensions: a dimension whose size is not a multiple of its mesh axes' product
-(e.g. SmolLM2's 9 heads with tensor=2) is, by default, REPLICATED along that one dimension and a
-warning naming the parameters is logged; every other dimension keeps its sharding. Pass
-`on_indivisible="error"` to make it a UserError naming the parameter path and axis instead.
+(e.g. SmolLM2's 9 heads with tensor=2) is what `on_indivisible` says: "error" (what runs use,
+the config's `mesh.on_indivisible` default) is a UserError naming the parameter path and axis;
+"replicate" (these functions' default, for tools and tests) replicates that one dimension with
+a warning naming the parameters, every other dimension keeping its sharding.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]

@@ -36,14 +36,15 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from first_jax.errors import UserError
-from first_jax.io_util import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
-from first_jax.topk import TAIL_FLOOR
+from first_jax.runtime.errors import UserError
+from first_jax.runtime.io_util import (atomic_path, atomic_write_json, remove_stale_temps,
+                                       sha256_file)
+from first_jax.core.topk import TAIL_FLOOR
 
 FORMAT = "first_jax.topk_store"
 VERSION = 2
@@ -575,13 +576,3 @@ class StoreReader:
       sel = np.nonzero(shard_N == sh)[0]
       rec_NxR[sel] = self._maps[sh][row_N[sel]]
     return _decode(self.spec, rec_NxR)
-
-  def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                   drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Batches over all examples (sorted by example index, or shuffled with `seed`)."""
-    order = self.example_indices
-    if shuffle:
-      order = np.random.default_rng(seed).permutation(order)
-    stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
-    for a in range(0, stop, batch_size):
-      yield self.read(order[a:a + batch_size])

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from first_jax import io_util  # noqa: E402
+from first_jax.runtime import io_util
 
 
 def _save(fig, path: str) -> None:

@@ -9,7 +9,7 @@ learnable toy task). Prompt/response examples (`TextExample`):
 template) and `load_hf_text` (prompt [+ context] / response columns; Alpaca JSON(L) works as a
 local file). The text loaders' bad records (missing, empty or non-string prompt or response)
 either raise a one-line `UserError` (on_bad="error") or are skipped, counted and logged once
-(on_bad="skip"). Formatting, tokenization, splits and batching live in `first_jax.data`.
+(on_bad="skip"). Formatting, tokenization, splits and batching live in `first_jax.data.batches`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from first_jax.errors import UserError
+from first_jax.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

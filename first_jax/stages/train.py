@@ -1,0 +1,213 @@
+"""Stage 3: train the student variants listed in `config.students`, all through one trainer.
+
+  sft        cross-entropy on the answers (the fine-tuned student baseline)
+  sft_ls     cross-entropy with label smoothing `distill.label_smoothing` over the vocabulary;
+             `sft_ls-choices` smooths over the answer letters (where the evaluation looks)
+  kd         top-k KD on the teacher's raw top-k (no temperature): plain distillation
+  first      FIRST: top-k KD on the teacher's top-k re-scaled by the calibrated temperature
+  full_kd    full-vocabulary KD from the teacher running inside the step (reference)
+`kd` and `first` take optional suffixes overriding the scaling mode and tail handling, e.g.
+`first-log_space`, `first-renormalize`, `kd-renormalize`. Any variant takes `@E` for E epochs
+instead of `distill.epochs` (e.g. `sft@1`: the evaluation picks the SFT epoch count on
+validation among `sft@E` and `sft`). With `distill.mode = online` the teacher runs inside the
+jitted step (forward under stop_gradient, top-k, optional in-step ECE temperature search,
+rescale and KL in one XLA program) instead of reading the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import ml_collections
+import numpy as np
+
+from first_jax.runtime import sharding
+from first_jax.runtime.errors import UserError
+from first_jax.core import losses, step, temperature
+from first_jax.data import store
+from first_jax.engine import trainer, workspace
+from first_jax.stages import base
+
+log = logging.getLogger(__name__)
+_MODES = temperature.MODES
+_TAILS = losses.TAILS
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  spec: step.LossSpec
+  needs_teacher: bool  # reads the store (offline) or runs the teacher (online)
+  epochs: int | None = None  # `name@E`: trained E epochs instead of distill.epochs
+
+
+def parse_variant(name: str, cfg) -> Variant:
+  """A student variant name -> its loss (see the module docstring)."""
+  name_only, at, epochs = name.partition("@")
+  if at:
+    if not epochs.isdigit() or int(epochs) < 1:
+      raise UserError(f"config.students: {name!r}: expected name@E with E epochs >= 1")
+    return dataclasses.replace(parse_variant(name_only, cfg), name=name, epochs=int(epochs))
+  base, *mods = name.split("-")
+  d = cfg.distill
+  answer_only = workspace.answer_only(cfg)
+  if base == "sft_ls" and mods in ([], ["choices"]):
+    return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
+                                       smooth_over="choices" if mods else "vocab",
+                                       answer_only=answer_only), False)
+  mode, tail = d.temperature_mode, d.tail
+  for m in mods:
+    if m in _MODES:
+      mode = m
+    elif m in _TAILS:
+      tail = m
+    else:
+      raise UserError(f"config.students: unknown modifier {m!r} in {name!r} "
+                      f"(expected one of {_MODES + _TAILS})")
+  online = d.mode == "online"
+  kd = dict(kind="topk_kd", k=cfg.extract.k, tail=tail, direction=d.direction, online=online,
+            num_bins=cfg.calibrate.num_bins, answer_only=answer_only)
+  if base == "sft" and not mods:
+    return Variant(name, step.LossSpec(kind="ce", answer_only=answer_only), False)
+  if base == "kd":
+    return Variant(name, step.LossSpec(temperature_mode=None, **kd), True)
+  if base == "first":
+    search = d.temperature == "search"
+    if search and not online:
+      raise UserError("config.distill.temperature: 'search' runs inside the online step; set "
+                      "distill.mode=online or use 'calibrated' / a number")
+    return Variant(name, step.LossSpec(
+        temperature_mode=mode, search=search, ema=d.temperature_ema,
+        search_events=d.search_events, search_min_events=d.search_min_events,
+        search_choices=cfg.evaluate.scoring == "choices" and answer_only, **kd), True)
+  if base == "full_kd" and not mods:
+    return Variant(name, step.LossSpec(kind="full_kd", online=True, answer_only=answer_only),
+                   True)
+  raise UserError(f"config.students: unknown student variant {name!r} "
+                  f"(expected sft, sft_ls[-choices], kd[-mods], first[-mods], full_kd)")
+
+
+def teacher_temperature(cfg, spec: step.LossSpec) -> float:
+  """The temperature of a FIRST run: calibrated, or a number from the config; with the online
+  search, its start value (the offline calibration's where one exists, else 1)."""
+  if spec.kind != "topk_kd" or spec.temperature_mode is None:
+    return 1.0
+  t = cfg.distill.temperature
+  if t not in ("calibrated", "search"):
+    return float(t)  # a positive number: checked at start-up (config.validate)
+  path = workspace.folder(cfg, "store")
+  calib = None
+  if os.path.exists(os.path.join(path, store.MANIFEST)):
+    calib = store.StoreReader(path, verify=False).calibration
+  key = store.search_key(spec.temperature_mode, spec.tail)  # this variant's own search
+  if spec.search:
+    return float(calib["searches"][key]["best_t"]) if calib and key in calib.get(
+        "searches", {}) else 1.0
+  if not calib:
+    raise UserError(f"{path}: no calibration in the store manifest (run first_jax.calibrate "
+                    f"first)")
+  if key not in calib.get("searches", {}):
+    raise UserError(f"{path}: the calibration has no search for {key} (re-run "
+                    f"first_jax.calibrate)")
+  return float(calib["searches"][key]["best_t"])
+
+
+def store_targets(reader: store.StoreReader):
+  """Adds the teacher's stored top-k to a host batch, checking it is the same data."""
+  def add(batch: dict) -> dict:
+    rec = reader.read(batch["example_id"])
+    if not np.array_equal(rec["token_hash_N"], store.token_hash(batch["input_ids"])):
+      raise UserError("store: token ids differ from the data batch (store built from other "
+                      "data; re-run extract into a new store)")
+    return {**batch, "teacher_ids": rec["ids_NxLxK"], "teacher_logprobs": rec["logprobs_NxLxK"],
+            "teacher_tail": rec["tail_logmass_NxL"]}
+  return add
+
+
+def student_seed(cfg) -> int:
+  """The students' seed: `distill.seed`, or the run's seed when it is -1."""
+  return cfg.distill.seed if cfg.distill.seed >= 0 else cfg.seed
+
+
+def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
+  """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
+  teacher = workspace.teacher_fingerprint(cfg) if variant.needs_teacher else None
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.student,
+                               cfg.distill, cfg.extract.k, dataclasses.asdict(variant.spec),
+                               teacher, t,
+                               *([variant.epochs] if variant.epochs else []))
+
+
+def is_done(cfg, variant: Variant) -> bool:
+  fp = variant_fingerprint(cfg, variant, teacher_temperature(cfg, variant.spec))
+  return workspace.is_done(workspace.folder(cfg, "students", variant.name), fp)
+
+
+def train_variant(cfg, variant: Variant, tok, data) -> str:
+  out = workspace.folder(cfg, "students", variant.name)
+  spec = variant.spec
+  if is_done(cfg, variant):
+    log.info("train %s: done already", variant.name)
+    workspace.prune_done(cfg, out)  # finishes a pruning a kill interrupted
+    return out
+  t = teacher_temperature(cfg, spec)
+  fp = variant_fingerprint(cfg, variant, t)
+  reader = None
+  if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
+    reader = store.StoreReader(workspace.folder(cfg, "store"))
+    if not reader.manifest.get("complete"):
+      raise UserError(f"{reader.store_dir}: the store is incomplete (its extraction did not "
+                      f"finish); re-run first_jax.extract to complete it")
+  mesh = workspace.mesh(cfg)
+  optim = cfg.distill
+  if variant.epochs:  # the same optimiser and schedule shape over fewer (or more) epochs
+    optim = ml_collections.ConfigDict({**cfg.distill.to_dict(), "epochs": variant.epochs})
+  teacher = None
+  if spec.online:
+    teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
+  log.info("train %s: %s, teacher temperature %s", variant.name, spec,
+           f"searched in-step from {t:.4g}" if spec.search else f"{t:.4g}")
+  student = workspace.init_model(cfg, "student", tok)
+  workspace.start_run(out, fp)
+  params = trainer.train_model(
+      name=f"train/{variant.name}", folder=out, module=student.module, params=student.params,
+      arrays=data.splits["train"], spec=spec, optim=optim, seed=student_seed(cfg), mesh=mesh,
+      batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
+      every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+      log_every=cfg.log_every_steps,
+      teacher_module=teacher.module if teacher is not None else None,
+      teacher_params=teacher.params if teacher is not None else None,
+      add_targets=store_targets(reader) if reader is not None else None,
+      initial_temperature=t)
+  workspace.export(workspace.with_params(student, params), tok, os.path.join(out, "export"))
+  workspace.finish_training(cfg, out, fp, temperature=t)
+  return out
+
+
+def run_checks(cfg) -> list[Variant]:
+  return [parse_variant(name, cfg) for name in cfg.students]
+
+
+def run(cfg) -> list[str]:
+  variants = run_checks(cfg)  # all checked before any work
+  tok = workspace.tokenizer(cfg)
+  data = workspace.load_data(cfg, tok)
+  return [train_variant(cfg, v, tok, data) for v in variants]
+
+
+def _students(cfg) -> list[str]:
+  return [workspace.folder(cfg, "students", name) for name in cfg.students]
+
+
+def _prune(cfg) -> None:
+  for path in _students(cfg):
+    workspace.prune_done(cfg, path)
+
+
+# each student is its own run: a stage with some students done trains the others only
+STAGE = base.Stage(
+    name="train", run=run,
+    is_done=lambda cfg, inputs: all(is_done(cfg, v) for v in run_checks(cfg)),
+    where=lambda cfg: ", ".join(_students(cfg)), outputs=_students, when_done=_students,
+    prune=_prune)
