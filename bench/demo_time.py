@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import ROOT, environment, log
+from bench.common import ROOT, environment, log
 
 CONFIG = "configs/demo.py"
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import (MODES, Context, Settings, compile_train_step, environment, log,
-                       step_inputs)
+from bench.common import MODES, Context, Settings, compile_train_step, environment, log
+from bench.sections.step import step_inputs
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')

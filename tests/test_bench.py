@@ -33,6 +33,13 @@ def bench_run():
 
 
 @pytest.fixture(scope="module")
+def bench_module(bench_run):
+  """bench.common or a section's module (bench.sections.<name>) by its name."""
+  return lambda name: importlib.import_module(
+      "bench.common" if name == "common" else f"bench.sections.{name}")
+
+
+@pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
   """A tiny random Llama (tied embeddings, GQA) saved by transformers."""
   import torch
@@ -53,10 +60,11 @@ def _hand_record_bytes(k, v, length, positions):
           + 2 * positions * k + 2 * positions)
 
 
-def test_store_arithmetic_matches_hand_computation(bench_run):
-  out = bench_run.store_arithmetic(k=5)
+def test_store_arithmetic_matches_hand_computation(bench_module):
+  store = bench_module("store")
+  out = store.store_arithmetic(k=5)
   for v in (49_152, 151_936):
-    for name, (length, positions) in bench_run.STORE_LAYOUTS.items():
+    for name, (length, positions) in store.STORE_LAYOUTS.items():
       got = out[str(v)]["layouts"][name]
       want = _hand_record_bytes(5, v, length, positions)
       assert got["bytes_per_example"] == want, (v, name)
@@ -79,9 +87,9 @@ def test_reference_jsonl_format():
       '[{"0": 0.0}]\n')  # equal ids collapse into one key, as in a dict
 
 
-def test_interleaved_alternates_and_summarises(bench_run):
+def test_interleaved_alternates_and_summarises(bench_module):
   calls = []
-  t = bench_run.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+  t = bench_module("common").interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                             warmup=1, reps=3)
   assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
   for name in ("a", "b"):
@@ -163,27 +171,29 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode,tail", [("prob_softmax", True), ("log_space", False)])
-def test_numpy_search_baseline_matches_first_jax(bench_run, mode, tail):
+def test_numpy_search_baseline_matches_first_jax(bench_module, mode, tail):
   import jax
   from first_jax.core import temperature
-  ev = bench_run.synthetic_events(3000, 5, 1000, seed=1)
+  search = bench_module("search")
+  ev = search.synthetic_events(3000, 5, 1000, seed=1)
   grid = np.geomspace(0.05, 20.0, 30).astype(np.float32)
   res = jax.device_get(temperature.search(
       ev["logprobs"], ev["ids"], ev["targets"], mode=mode, refine=False, grid=grid,
       tail_logmass_N=ev["tail"] if tail else None))
-  got = bench_run.numpy_ece_curve(ev["logprobs"], ev["ids"], ev["targets"],
-                                  ev["tail"] if tail else None, grid, mode)
+  got = search.numpy_ece_curve(ev["logprobs"], ev["ids"], ev["targets"],
+                               ev["tail"] if tail else None, grid, mode)
   np.testing.assert_allclose(got, res.ece_T, atol=1e-5)
   assert grid[np.argmin(got)] == res.best_t
   assert np.ptp(got) > 0.01  # the curve is not flat: the argmin means something
 
 
-def test_naive_loss_is_topk_kd(bench_run):
+def test_naive_loss_is_topk_kd(bench_module):
   import jax
   from first_jax.core import losses
-  x, ids, lp, tail, mask = bench_run._loss_inputs(6, 500, 5)
+  loss_memory = bench_module("loss_memory")
+  x, ids, lp, tail, mask = loss_memory._loss_inputs(6, 500, 5)
   mask = mask.at[2].set(0.0)
-  got = bench_run.naive_topk_kd(x, ids, lp, tail, mask)
+  got = loss_memory.naive_topk_kd(x, ids, lp, tail, mask)
   want = losses.topk_kd(x, ids, lp, mask, teacher_tail_logmass_BxL=tail, vocab_chunk=128)
   np.testing.assert_allclose(jax.device_get(got), jax.device_get(want), rtol=1e-5)
 

@@ -1,0 +1,1 @@
+"""The sections of bench/run.py, one module each (`ctx, settings -> dict`)."""
