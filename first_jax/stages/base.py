@@ -67,7 +67,6 @@ def _record_seconds(cfg: Config, name: str, seconds: float) -> None:
   if not distributed.is_main():
     return
   path = timings_path(cfg)
-  io_util.remove_stale_temps(os.path.dirname(path), ".tmp-timings.json-*")  # a killed write's
   timings = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -80,6 +79,8 @@ def execute(stage: Stage, cfg: Config, inputs: Inputs | None = None) -> Any:
   """Runs `stage` unless it is done (`cfg.resume` and `is_done`); `resume=false` first moves
   its outputs aside. Returns its result (a skipped stage's `when_done`)."""
   inputs = Inputs(cfg) if inputs is None else inputs
+  if distributed.is_main():  # a killed timings write's temp file (the workdir is locked)
+    io_util.remove_stale_temps(os.path.dirname(timings_path(cfg)), ".tmp-timings.json-*")
   if cfg.resume and stage.is_done(cfg, inputs):
     log.info("%s: done already (%s)", stage.name, stage.where(cfg))
     stage.prune(cfg)
