@@ -1,0 +1,31 @@
+"""bench/studies.py: the cross-study table says what each study's summary says."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from bench import studies  # noqa: E402
+
+
+def test_verdict_reads_the_interval_of_a_lower_is_better_difference():
+  assert studies.verdict([-0.05, -0.08, -0.01]) == "wins"
+  assert studies.verdict([0.03, 0.01, 0.05]) == "loses"
+  assert studies.verdict([-0.01, -0.03, 0.002]) == "ties"
+  assert studies.verdict([None, None, None]) == "-"
+
+
+def test_the_multiemo_column_is_its_summary():
+  with open(os.path.join(ROOT, "docs", "results", "summary.json")) as f:
+    s = json.load(f)
+  r = studies.row("multiemo", s, "x", "float32", False)
+  d = s["paired"]["first-sft"]["id_ece"]
+  assert r["first_sft_id"] == f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] wins"
+  assert r["seeds"] == len(s["seeds"]) == 3 and "not reproducible" in r["study"]
+  gap = s["rows"]["teacher"]["id_accuracy"][0] - s["rows"]["sft"]["id_accuracy"][0]
+  assert r["gap"] == f"{gap:+.3f}"
+  text = studies.table([r, r])
+  assert text.count("\n") == len(studies.COLUMNS) + 1  # header, rule, a line per figure
+  assert "| FIRST - SFT ID ECE | " + r["first_sft_id"] + " | " in text
