@@ -477,9 +477,11 @@ def goal_text(summary: dict) -> str:
     elif pt["ood_ece"][0] is None:
       d3 = "no out-of-domain sets"
     else:
-      ex = g["ood_ece_below_sft_ts_ci_excludes_zero"]
-      d3 = (f"paired OOD ECE difference vs sft+ts {_ci(pt['ood_ece'])}; the interval "
-            f"{'excludes' if ex else 'does not exclude'} zero")
+      _, lo, hi = pt["ood_ece"]
+      where = ("lies below zero" if hi is not None and hi < 0 else
+               "lies above zero (FIRST's is higher)" if lo is not None and lo > 0 else
+               "holds zero")
+      d3 = f"paired OOD ECE difference vs sft+ts {_ci(pt['ood_ece'])}; the interval {where}"
     out.append(f"3. {a}'s out-of-domain ECE below SFT+TS's (point estimate): {d3}: "
                f"{_mark(g['ood_ece_below_sft_ts'])}")
     out.append("")
