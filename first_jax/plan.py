@@ -124,7 +124,7 @@ def _train_program(name, cfg, mesh, module, params, optim, spec, batch, teacher=
                            weight_decay=optim.weight_decay, clip_norm=optim.clip_norm,
                            b1=optim.b1, b2=optim.b2, eps=optim.eps, grad_accum=optim.grad_accum)
   state_sh = trainer.state_shardings(tx, params, events, mesh)
-  abstract = jax.eval_shape(functools.partial(step.init_state, tx=tx, seed=0), params,
+  abstract = jax.eval_shape(functools.partial(step.init_state, tx=tx), params,
                             events=events)
   state = _sds(abstract, state_sh)
   t_module, t_params = teacher if teacher is not None else (None, None)
