@@ -32,19 +32,9 @@ fi
 [ -f "$config" ] || { echo "TRUST_STUDY=$study: no $config" >&2; exit 2; }
 teacher_wd=$wd_root/seed0
 
-run_stage() {  # stage seed: runs one stage, adds its seconds to the workdir's timings.json
-  local t0=$SECONDS
+run_stage() {  # stage seed: runs one stage (it records its seconds in the workdir's timings.json)
   # shellcheck disable=SC2086
   python -m "first_jax.$1" --config "$config:seed=$2" ${TRUST_FLAGS:-}
-  python - "$wd_root/seed$2/timings.json" "$1" "$((SECONDS - t0))" <<'PY'
-import json, os, sys
-path, stage, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-t = json.load(open(path)) if os.path.exists(path) else {}
-t[stage] = secs
-os.makedirs(os.path.dirname(path), exist_ok=True)
-json.dump(t, open(path + ".tmp", "w"), indent=1)
-os.replace(path + ".tmp", path)
-PY
 }
 
 report() {  # wd: collects the seed's record and rebuilds the aggregate report
