@@ -87,7 +87,7 @@ def _scored_share(sets: list[dict], batch_size: int, buckets: tuple[int, ...],
 def padding(overrides: dict[str, Any]) -> dict[str, Any]:
   """The padded share of each stage's batches for configs/demo.py with `overrides`."""
   from first_jax import config as config_lib
-  from first_jax.engine import workspace
+  from first_jax.engine.job import Job
   cfg = config_lib.load_file(os.path.join(ROOT, CONFIG))
   for key, value in overrides.items():  # dotted keys, any depth (`teacher.model.dtype`)
     *path, name = key.split(".")
@@ -95,8 +95,7 @@ def padding(overrides: dict[str, Any]) -> dict[str, Any]:
     for part in path:
       block = block[part]
     block[name] = value
-  tok = workspace.tokenizer(cfg)
-  data = workspace.load_data(cfg, tok)
+  data = Job(cfg).data
   train_N = data.splits["train"]
   student_seed = cfg.distill.seed if cfg.distill.seed >= 0 else cfg.seed
   evaluated = [data.splits["validation"], data.splits["test"], *data.ood.values()]

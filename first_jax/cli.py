@@ -21,6 +21,7 @@ from first_jax.runtime import distributed, log, preemption
 from first_jax.runtime.errors import UserError
 from first_jax import config as config_lib
 from first_jax.engine import workspace
+from first_jax.engine.job import Job
 
 STAGES = ("finetune", "extract", "calibrate", "train", "evaluate", "pipeline")
 _HELP = ("-h", "--help")
@@ -112,9 +113,10 @@ def _wants_help(argv: Sequence[str]) -> bool:
   return any(a in _HELP for a in argv)
 
 
-def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None,
+def stage_main(run: Callable[[Job], Any], argv: Sequence[str] | None = None,
                prog: str | None = None) -> int:
-  """Loads the config from argv, runs one stage, maps UserError to exit code 2."""
+  """Loads the config from argv, resolves it (`Job`), runs one stage with it, maps UserError to
+  exit code 2."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if _wants_help(argv):  # before anything starts a backend
     stage, doc = _stage_of(run)
@@ -127,9 +129,9 @@ def stage_main(run: Callable[[Any], Any], argv: Sequence[str] | None = None,
     preemption.install()  # after it: on many hosts JAX's preemption service takes SIGTERM
     if distributed.process_info()[1] > 1:
       distributed.log_topology()  # each process's devices, so a bad launch shows at once
-    cfg = config_lib.load(argv)
-    with workspace.lock(cfg):  # one run per workdir
-      run(cfg)
+    job = Job(config_lib.load(argv))  # the config validated, then resolved once
+    with workspace.lock(job.layout.root):  # one run per workdir
+      run(job)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code

@@ -76,14 +76,15 @@ def _sds(tree: Any, shardings: Any) -> Any:
                       shardings)
 
 
-def _model(cfg, who: str, mesh):
-  """(module, abstract placed params) of the teacher or student from its `model` block."""
+def _model(spec, mesh):
+  """(module, abstract placed params) of the teacher or student (a `ModelSpec`) from its
+  `model` block."""
   from first_jax import models
   from first_jax.runtime import sharding
-  mc = models.ModelConfig.from_dict(cfg[who].model.to_dict(), prefix=f"{who}.model")
+  mc = spec.config()
   boxed = models.abstract_params(mc)
   shardings = sharding.param_shardings(boxed, mesh, sharding.DEFAULT_RULES,
-                                       cfg.mesh.on_indivisible)
+                                       spec.on_indivisible)
   return models.Decoder(mc), _sds(sharding.unbox(boxed), shardings), mc
 
 
@@ -139,13 +140,15 @@ def _train_program(name, cfg, mesh, module, params, optim, spec, batch, teacher=
 
 def plan(cfg) -> list[Program]:
   import jax
-  from first_jax.engine import infer, workspace
+  from first_jax.engine import infer
+  from first_jax.engine.job import Job
   from first_jax.core import step
-  mesh = workspace.mesh(cfg)
+  job = Job(cfg)
+  mesh = job.mesh
   length, k = cfg.data.max_len, cfg.extract.k
-  ao = workspace.answer_only(cfg)
-  t_mod, t_params, _ = _model(cfg, "teacher", mesh)
-  s_mod, s_params, _ = _model(cfg, "student", mesh)
+  ao = job.answer_only
+  t_mod, t_params, _ = _model(job.teacher, mesh)
+  s_mod, s_params, _ = _model(job.student, mesh)
   ft = cfg.finetune
   out = [_train_program("finetune (teacher)", cfg, mesh, t_mod, t_params, ft,
                         step.LossSpec(kind="ce", answer_only=ao),
@@ -210,10 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     del argv[i:i + 2]
   try:
-    spec, overrides = config_lib.parse_argv(argv)
-    cfg = config_lib.load_file(spec)
-    for key, text in overrides:
-      config_lib.apply_override(cfg, key, text)
+    cfg = config_lib.parse(argv)
     n = _device_count(cfg, devices)
     # Before any backend starts: a mesh of n fake CPU devices (the plan never allocates).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

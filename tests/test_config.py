@@ -22,6 +22,15 @@ def test_overrides_are_typed_by_their_default():
   assert cfg.data.ood_tasks == ("a", "b") and cfg.workdir == "/tmp/x"
 
 
+def test_the_command_line_is_parsed_by_config_flags():
+  # absl's boolean form, an override before --config, a key set twice (the last value wins)
+  cfg = config_lib.load(["--config.extract.k=7", "--config", SMOKE, "--noconfig.resume",
+                         "--config.students=sft", "--config.students=kd,first"])
+  assert cfg.extract.k == 7 and cfg.resume is False and cfg.students == ("kd", "first")
+  with pytest.raises(UserError, match=r"^--bogus: unknown argument"):
+    config_lib.load(["--config", SMOKE, "--bogus=1"])
+
+
 def test_config_is_locked_after_load():
   cfg = config_lib.load(["--config", SMOKE])
   with pytest.raises((AttributeError, KeyError)):
@@ -117,7 +126,7 @@ def test_cli_missing_config_file_exits_2(tmp_path):
 
 def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   from first_jax.stages import train
-  from first_jax.engine import workspace
+  from first_jax.engine.job import teacher_fingerprint
   path = lambda name: os.path.join(ROOT, "configs", f"{name}.py")  # noqa: E731
   demo = config_lib.load(["--config", path("demo") + ":seed=1"])
   full = config_lib.load(["--config", path("demo_full") + ":seed=1"])
@@ -126,8 +135,8 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
   assert (demo.distill.epochs, full.distill.epochs, long.distill.epochs) == (1, 2, 4)
   assert len(set((demo.workdir, full.workdir, long.workdir))) == 3
   # run_demo_long.sh links demo_full's teacher in: the same fingerprint, or it would retrain
-  assert workspace.teacher_fingerprint(long) == workspace.teacher_fingerprint(full)
-  assert workspace.teacher_fingerprint(demo) != workspace.teacher_fingerprint(full)  # OOD sizes
+  assert teacher_fingerprint(long) == teacher_fingerprint(full)
+  assert teacher_fingerprint(demo) != teacher_fingerprint(full)  # OOD sizes
   for cfg in (demo, full, long):
     train.run_checks(cfg)  # every student name parses
   # the teacher's and the students' batches cut to length buckets
@@ -141,17 +150,17 @@ def test_demo_configs_load_and_demo_long_shares_demo_full_teacher():
 
 
 def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
-  from first_jax.engine import workspace
+  from first_jax.engine import job, workspace
   smoke = config_lib.load(["--config", SMOKE])
-  base_fp = workspace.teacher_fingerprint(smoke)
+  base_fp = job.teacher_fingerprint(smoke)
   # the key is hashed only away from its default: runs made before it existed stay done
   without = smoke.finetune.to_dict()
   del without["length_buckets"]
   assert base_fp == workspace.fingerprint(smoke.seed, smoke.tokenizer,
-                                          workspace.data_block(smoke), smoke.teacher, without)
+                                          job.Job(smoke).data_block, smoke.teacher, without)
   bucketed = config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,48)"])
   assert bucketed.finetune.length_buckets == (24, 48)
-  assert workspace.teacher_fingerprint(bucketed) != base_fp
+  assert job.teacher_fingerprint(bucketed) != base_fp
   with pytest.raises(UserError, match=r"finetune\.length_buckets: expected lengths between 2 "
                      r"and data\.max_len \(48\)"):
     config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,64)"])
@@ -164,24 +173,24 @@ def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
 ])
 def test_trust_config_shares_one_teacher_across_student_seeds(name, bundle, test_n, val_n):
   from first_jax.stages import train
-  from first_jax.engine import workspace
+  from first_jax.engine.job import Job, teacher_fingerprint
   path = os.path.join(ROOT, "configs", name)
   a = config_lib.load(["--config", path + ":seed=0"])
   b = config_lib.load(["--config", path + ":seed=2"])
   assert (a.seed, b.seed, a.distill.seed, b.distill.seed) == (0, 0, 0, 2)
   assert a.workdir != b.workdir
   # run_trust.sh links seed 0's teacher and store in: the same fingerprint, or it would retrain
-  assert workspace.teacher_fingerprint(a) == workspace.teacher_fingerprint(b)
+  assert teacher_fingerprint(a) == teacher_fingerprint(b)
   # ... and the store committed in docs/results/teacher/ is that teacher's: a config change that
   # moved this fingerprint (e.g. demo.py's fine-tuning buckets reaching trust.py) would make
   # every student seed fine-tune the teacher again
   if bundle:
     with open(os.path.join(ROOT, "docs", "results", bundle, "store", "manifest.json")) as f:
       manifest = json.load(f)
-    assert manifest["teacher"]["fingerprint"] == workspace.teacher_fingerprint(b)
+    assert manifest["teacher"]["fingerprint"] == teacher_fingerprint(b)
     assert manifest["calibration"]["premise"]["holds"]  # the bundle's teacher is in the regime
   va, vb = (train.parse_variant("first", c) for c in (a, b))
-  assert train.variant_fingerprint(a, va, 1.5) != train.variant_fingerprint(b, vb, 1.5)
+  assert train.variant_fingerprint(Job(a), va, 1.5) != train.variant_fingerprint(Job(b), vb, 1.5)
   assert train.student_seed(a) == 0 and train.student_seed(b) == 2
   assert a.calibrate.require_premise and a.evaluate.scoring == "choices"
   n = a.data.num_examples
@@ -295,10 +304,9 @@ def test_unknown_key_and_wrong_type_in_a_config_file(tmp_path):
 
 
 def test_validate_without_paths(tmp_path):
-  cfg = config_lib.load_file(SMOKE)
-  config_lib.apply_override(cfg, "teacher.init", "pretrained")
-  config_lib.apply_override(cfg, "teacher.path", "/no/such/model")
-  config_lib.apply_override(cfg, "tokenizer", "/no/such/tokenizer")
+  cfg = config_lib.parse(["--config", SMOKE, "--config.teacher.init=pretrained",
+                          "--config.teacher.path=/no/such/model",
+                          "--config.tokenizer=/no/such/tokenizer"])
   config_lib.validate(cfg, check_paths=False)
   with pytest.raises(UserError, match="config.tokenizer"):
     config_lib.validate(cfg)

@@ -62,12 +62,12 @@ def test_overrides_of_any_depth_reach_the_config(monkeypatch):
   """`padding` applies a variant's overrides to the config it counts with (the float32
   variant's keys are three deep)."""
   seen = {}
-  from first_jax.engine import workspace
+  from first_jax.engine import job
 
   def stop(cfg):
     seen["cfg"] = cfg
     raise RuntimeError("stop")
-  monkeypatch.setattr(workspace, "tokenizer", stop)
+  monkeypatch.setattr(job, "Job", stop)
   with pytest.raises(RuntimeError, match="stop"):
     demo_time.padding(demo_time.VARIANTS["shipped_float32"])
   assert seen["cfg"].teacher.model.dtype == "float32"

@@ -200,12 +200,12 @@ def test_vader_config_data_carries_the_raters(tmp_path):
   shares on every row in-domain and out-of-domain."""
   import os
   from first_jax import config as config_lib
-  from first_jax.engine import workspace
+  from first_jax.engine.job import Job
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg = config_lib.load(["--config", os.path.join(root, "configs", "demo.py"),
                          f"--config.workdir={tmp_path}", "--config.tokenizer=gpt2",
                          "--config.data.num_examples=200", "--config.data.num_ood_examples=20"])
-  d = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  d = Job(cfg).data
   assert d.num_choices == 3 and list(d.ood) == ["movie_reviews", "amazon_reviews",
                                                  "nyt_editorials"]
   assert sum(len(d.splits[s]["label"]) for s in ("train", "validation", "test")) == 200
@@ -272,7 +272,7 @@ def test_out_of_domain_tasks_with_more_choices_share_one_answer_width(tmp_path):
   configs/trust_evals.py): every set is encoded with the most choices of any question."""
   import os
   from first_jax import config as config_lib
-  from first_jax.engine import workspace
+  from first_jax.engine.job import Job
   rng = np.random.default_rng(11)
   two = [{"input": [{"role": "user", "content": f"q{i} A: up B: down"}],
           "ideal": "AB"[rng.integers(2)]} for i in range(40)]
@@ -286,7 +286,7 @@ def test_out_of_domain_tasks_with_more_choices_share_one_answer_width(tmp_path):
                          f"--config.workdir={tmp_path / 'w'}", "--config.data.source=evals",
                          f"--config.data.task={ind}", f"--config.data.ood_tasks=('{ood}',)",
                          "--config.data.num_examples=40", "--config.data.num_ood_examples=12"])
-  d = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  d = Job(cfg).data
   assert d.num_choices == 3
   for arrays in (*d.splits.values(), *d.ood.values()):
     assert arrays["choice_ids"].shape[-1] == 3

@@ -405,7 +405,7 @@ def test_the_next_store_writer_removes_its_hosts_temp_files_left_by_a_kill(tmp_p
 
 
 def test_an_export_removes_the_temp_files_a_killed_export_left(tmp_path):
-  from first_jax.engine import workspace
+  from first_jax.engine import modelio
   from tests.test_step import tiny
 
   class NoTokenizer:
@@ -416,5 +416,5 @@ def test_an_export_removes_the_temp_files_a_killed_export_left(tmp_path):
   path.mkdir()
   (path / ".tmp-model.safetensors-k1ll").write_bytes(b"half the weights")  # io_util's
   (path / ".tmpK1llEd").write_bytes(b"half the weights")  # safetensors' save_file's own
-  workspace.export(tiny(0), NoTokenizer(), str(path))
+  modelio.export(tiny(0), NoTokenizer(), str(path))
   assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]

@@ -11,6 +11,7 @@ import transformers
 from first_jax.data import store
 from first_jax import cli, config as config_lib
 from first_jax.engine import workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base, pipeline, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,9 +21,9 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 def done_already(cfg) -> set[str]:
   """The stages a run of `cfg` would skip (a stage counts only when every stage before it
   does): what the pipeline checks before each stage."""
-  inputs, done = base.Inputs(cfg), set()
+  job, done = Job(cfg), set()
   for stage in pipeline.ORDER:
-    if not stage.is_done(cfg, inputs):
+    if not stage.is_done(job):
       break
     done.add(stage.name)
   return done
@@ -62,7 +63,7 @@ def test_finished_training_runs_keep_their_export_not_their_checkpoints(workdir)
 def test_exported_student_loads_in_transformers_with_the_same_logits(workdir):
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
   path = os.path.join(workdir, "students", "first", "export")
-  ours = workspace.load_export(cfg, os.path.dirname(path))
+  ours = Job(cfg).load_export(os.path.dirname(path))
   hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
   tok = transformers.AutoTokenizer.from_pretrained(path)
   ids = np.asarray([tok("Which one is a color?\nA) red\nB) dog\nAnswer:")["input_ids"]])
@@ -84,7 +85,7 @@ def test_results_json_has_accuracy_and_ece_per_model(workdir):
 def test_second_run_skips_finished_stages(workdir, caplog):
   caplog.set_level("INFO")
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
-  train.run(cfg)
+  train.run(Job(cfg))
   assert sum("done already" in r.message for r in caplog.records) == len(cfg.students)
 
 
@@ -94,7 +95,7 @@ def test_rerun_keeps_the_stage_times_of_the_run_that_did_the_work(workdir):
   path = os.path.join(workdir, "timings.json")
   with open(path) as f:
     first = json.load(f)
-  pipeline.run(cfg)
+  pipeline.run(Job(cfg))
   with open(path) as f:
     second = json.load(f)
   for stage in pipeline.STAGES:  # every stage is skipped: each keeps its first figure
@@ -112,7 +113,7 @@ def test_finished_workdir_rerun_does_no_work_and_says_so(workdir, caplog):
       "eval/results.json", "eval/done.json", "eval/events.json", "data/split.json")]
   before = {p: os.stat(p).st_mtime_ns for p in outputs}
   t0 = time.time()
-  result = pipeline.run(cfg)
+  result = pipeline.run(Job(cfg))
   seconds = time.time() - t0
   messages = [r.getMessage() for r in caplog.records]
   for stage in pipeline.STAGES:
@@ -136,7 +137,7 @@ def test_rerun_prunes_what_a_kill_after_the_done_marker_left(workdir, tmp_path, 
     with open(os.path.join(wd, rel), "wb") as f:
       f.write(np.random.default_rng(0).bytes(1000))
   caplog.set_level("INFO")
-  pipeline.run(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"]))
+  pipeline.run(Job(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])))
   messages = [r.getMessage() for r in caplog.records]
   assert all(any(m.startswith(f"{s}: done already") for m in messages) for s in pipeline.STAGES)
   for run in ("teacher", "students/kd", "students/first"):
@@ -156,10 +157,9 @@ def test_a_done_student_of_an_unfinished_train_stage_finishes_its_pruning(workdi
   with open(half, "wb") as f:
     f.write(np.random.default_rng(1).bytes(1000))
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
-  tok = workspace.tokenizer(cfg)
   kd = train.parse_variant("kd", cfg)
   caplog.set_level("INFO")
-  train.train_variant(cfg, kd, tok, workspace.load_data(cfg, tok))
+  train.train_variant(Job(cfg), kd)
   messages = [r.getMessage() for r in caplog.records]
   assert "train kd: done already" in messages, messages
   assert not any(n.startswith("checkpoints") for n in os.listdir(os.path.join(wd, "students/kd")))
@@ -178,7 +178,7 @@ def test_an_evaluation_rerun_removes_the_temp_files_a_killed_one_left(workdir, t
   for p in planted:
     with open(p, "wb") as f:
       f.write(np.random.default_rng(2).bytes(100))
-  results = evaluate.run(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"]))
+  results = evaluate.run(Job(config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])))
   assert not any(os.path.exists(p) for p in planted)
   assert results == json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]
   assert os.path.exists(os.path.join(wd, "eval", "done.json"))
@@ -189,14 +189,14 @@ def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(wor
   caplog.set_level("INFO")
   args = ["--config", SMOKE, f"--config.workdir={workdir}"]
   cfg = config_lib.load(args)
-  calib = base.execute(calibrate.STAGE, cfg)  # each alone, as its command runs it
-  results = base.execute(evaluate.STAGE, cfg)
+  calib = base.execute(calibrate.STAGE, Job(cfg))  # each alone, as its command runs it
+  results = base.execute(evaluate.STAGE, Job(cfg))
   messages = [r.getMessage() for r in caplog.records]
   assert any(m.startswith("calibrate: done already") for m in messages), messages
   assert any(m.startswith("evaluate: done already") for m in messages), messages
   manifest = json.load(open(os.path.join(workdir, "store", "manifest.json")))
   assert calib == manifest["calibration"] and "fingerprint" not in calib  # block as before
-  assert manifest[calibrate.FINGERPRINT] == calibrate.fingerprint(cfg, manifest)
+  assert manifest[calibrate.FINGERPRINT] == calibrate.fingerprint(Job(cfg), manifest)
   assert results == json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]
   done = json.load(open(os.path.join(workdir, "eval", "done.json")))
   assert done["models"]["first"] == workspace.done_fingerprint(
@@ -209,9 +209,9 @@ def test_calibrate_and_evaluate_alone_skip_when_done_and_follow_their_inputs(wor
       ("evaluate.scoring=vocab", True, True), ("evaluate.num_bins=(15,)", False, True),
       ("evaluate.post_hoc=('sft',)", False, True), (f"evaluate.models=('{extra}',)", False, True)):
     other = config_lib.load(args + [f"--config.{key}"])
-    assert calibrate.is_done(other) != calib_changes, key
-    assert evaluate.is_done(other) != eval_changes, key
-  assert calibrate.is_done(cfg) and evaluate.is_done(cfg)
+    assert calibrate.is_done(Job(other)) != calib_changes, key
+    assert evaluate.is_done(Job(other)) != eval_changes, key
+  assert calibrate.is_done(Job(cfg)) and evaluate.is_done(Job(cfg))
 
 
 @pytest.mark.slow
@@ -221,7 +221,7 @@ def test_resume_false_starts_over_moving_each_stage_folder_aside(workdir, tmp_pa
   shutil.copytree(workdir, wd)
   caplog.set_level("INFO")
   args = ["--config", SMOKE, f"--config.workdir={wd}", "--config.students=('sft',)"]
-  pipeline.run(config_lib.load(args + ["--config.resume=false"]))
+  pipeline.run(Job(config_lib.load(args + ["--config.resume=false"])))
   moved = {}
   for r in caplog.records:
     m = r.getMessage()
@@ -273,7 +273,7 @@ def test_online_distillation_with_in_step_temperature_search(workdir, tmp_path):
   shutil.copytree(workdir, wd)
   cfg = config_lib.load(["--config", SMOKE + ":online", f"--config.workdir={wd}",
                          "--config.students=('first', 'full_kd')"])
-  train.run(cfg)
+  train.run(Job(cfg))
   for name in ("first", "full_kd"):
     with open(os.path.join(wd, "students", name, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
@@ -290,10 +290,11 @@ def test_student_fingerprints_follow_the_teacher_and_temperature():
   b = config_lib.load(["--config", SMOKE, "--config.finetune.lr=0.5"])  # another teacher
   for name, follows_teacher in (("sft", False), ("kd", True), ("first", True)):
     va, vb = train.parse_variant(name, a), train.parse_variant(name, b)
-    same = train.variant_fingerprint(a, va, 1.0) == train.variant_fingerprint(b, vb, 1.0)
+    same = (train.variant_fingerprint(Job(a), va, 1.0)
+            == train.variant_fingerprint(Job(b), vb, 1.0))
     assert same != follows_teacher, name
   v = train.parse_variant("first", a)
-  assert train.variant_fingerprint(a, v, 0.5) != train.variant_fingerprint(a, v, 0.6)
+  assert train.variant_fingerprint(Job(a), v, 0.5) != train.variant_fingerprint(Job(a), v, 0.6)
 
 
 def test_evaluate_extra_models_by_path(workdir, tmp_path):
@@ -304,7 +305,7 @@ def test_evaluate_extra_models_by_path(workdir, tmp_path):
   extra = os.path.join(wd, "students", "kd", "export")
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}",
                          f"--config.evaluate.models=('{extra}',)", "--config.students=()"])
-  results = evaluate.run(cfg)
+  results = evaluate.run(Job(cfg))
   assert results["export"]["in_domain"]["accuracy"] == pytest.approx(
       json.load(open(os.path.join(workdir, "eval", "results.json")))["results"]["kd"]
       ["in_domain"]["accuracy"])
@@ -336,9 +337,9 @@ def test_each_first_variant_trains_with_the_search_for_its_own_mode_and_tail(wor
   for name, key in (("first", "prob_softmax-bucket"), ("first-renormalize",
                                                        "prob_softmax-renormalize"),
                     ("first-log_space-renormalize", "log_space-renormalize")):
-    t = train.teacher_temperature(cfg, train.parse_variant(name, cfg).spec)
+    t = train.teacher_temperature(Job(cfg), train.parse_variant(name, cfg).spec)
     assert t == searches[key]["best_t"], name
-  assert train.teacher_temperature(cfg, train.parse_variant("kd", cfg).spec) == 1.0
+  assert train.teacher_temperature(Job(cfg), train.parse_variant("kd", cfg).spec) == 1.0
   spec = train.parse_variant("sft_ls-choices", cfg).spec
   assert spec.smooth_over == "choices" and spec.label_smoothing > 0
 
@@ -351,7 +352,7 @@ def test_evaluate_rerun_scores_from_the_cache(workdir, tmp_path, caplog):
   caplog.set_level("INFO")
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
   os.remove(os.path.join(wd, "eval", "done.json"))  # past the done-check, to the score cache
-  again = evaluate.run(cfg)
+  again = evaluate.run(Job(cfg))
   assert sum("scores cached" in r.message for r in caplog.records) == 2 + len(cfg.students)
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     first = json.load(f)["results"]
@@ -384,14 +385,15 @@ def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
                          "--config.students=('sft', 'sft@1')"])
   one, full = (train.parse_variant(n, cfg) for n in ("sft@1", "sft"))
   assert one.epochs == 1 and one.spec == full.spec
-  assert train.variant_fingerprint(cfg, one, 1.0) != train.variant_fingerprint(cfg, full, 1.0)
-  train.run(cfg)
+  job = Job(cfg)
+  assert train.variant_fingerprint(job, one, 1.0) != train.variant_fingerprint(job, full, 1.0)
+  train.run(Job(cfg))
   with open(os.path.join(wd, "students", "sft@1", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   with open(os.path.join(wd, "data", "split.json")) as f:
     n_train = len(json.load(f)["splits"]["train"]["indices"])
   assert max(steps) == n_train // cfg.distill.batch_size  # one epoch, not distill.epochs (2)
-  results = evaluate.run(cfg)
+  results = evaluate.run(Job(cfg))
   chosen = results["sft@val"]["in_domain"]["chosen"]
   assert chosen in ("sft", "sft@1")
   assert results["sft@val"]["in_domain"]["ece"] == results[chosen]["in_domain"]["ece"]
@@ -402,25 +404,25 @@ def test_sft_epochs_chosen_on_validation(workdir, tmp_path):
 def test_a_second_run_on_a_locked_workdir_exits_2_naming_the_holder(tmp_path, capsys):
   wd = str(tmp_path / "locked")
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={wd}"])
-  with workspace.lock(cfg):
+  with workspace.lock(cfg.workdir):
     rc = cli.stage_main(pipeline.run, ["--config", SMOKE, f"--config.workdir={wd}"])
     assert rc == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and "in use" in err[0]
     assert os.listdir(wd) == [".lock"]  # nothing else was written
-  with workspace.lock(cfg):  # released when its holder ends
+  with workspace.lock(cfg.workdir):  # released when its holder ends
     pass
 
 
 def test_scoring_shortest_first_with_cut_padding_equals_full_padding(workdir):
   from first_jax.stages import evaluate
   cfg = config_lib.load(["--config", SMOKE, f"--config.workdir={workdir}"])
-  tok = workspace.tokenizer(cfg)
-  arrays = workspace.load_data(cfg, tok).splits["test"]
+  job = Job(cfg)
+  arrays = job.data.splits["test"]
   lengths = arrays["attention_mask"].sum(-1)
   buckets = (int(np.percentile(lengths, 30)) + 1, int(np.percentile(lengths, 70)) + 1)
-  model = workspace.load_export(cfg, workspace.folder(cfg, "students", "first"))
-  mesh = workspace.mesh(cfg)
+  model = job.load_export(job.layout.student("first"))
+  mesh = job.mesh
   fn = evaluate.scorer(model, mesh)
   full = evaluate.score(fn, model, arrays, 16, mesh)
   cut = evaluate.score(fn, model, arrays, 16, mesh, buckets)

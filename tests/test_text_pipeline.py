@@ -7,7 +7,7 @@ import pytest
 
 from first_jax.data import store
 from first_jax import cli, config as config_lib
-from first_jax.engine import workspace
+from first_jax.engine.job import Job
 from first_jax.stages import pipeline
 
 # Slow (the default suite's 10-minute budget): text data through every stage (~4 min).
@@ -45,7 +45,7 @@ def workdir(tmp_path_factory):
 def test_store_keeps_every_response_token_and_only_those(workdir):
   wd, args = workdir
   cfg = config_lib.load(args)
-  data = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  data = Job(cfg).data
   train = data.splits["train"]
   reader = store.StoreReader(os.path.join(wd, "store"))
   scored_N = (train["loss_mask"] > 0).sum(-1)
@@ -59,7 +59,7 @@ def test_store_keeps_every_response_token_and_only_those(workdir):
 def test_calibration_counts_token_events(workdir):
   wd, args = workdir
   cfg = config_lib.load(args)
-  val = workspace.load_data(cfg, workspace.tokenizer(cfg)).splits["validation"]
+  val = Job(cfg).data.splits["validation"]
   calib = store.StoreReader(os.path.join(wd, "store"), verify=False).calibration
   assert calib["scoring"] == "tokens"
   assert calib["num_events"] == int((val["loss_mask"] > 0).sum()) > len(val["input_ids"])
@@ -108,7 +108,7 @@ def test_online_search_runs_on_response_token_events(workdir, tmp_path):
       "--config.distill.temperature=search", "--config.students=first",
       "--config.distill.search_min_events=16", "--config.log_every_steps=1"]
   cfg = config_lib.load(args)
-  train.run(cfg)
+  train.run(Job(cfg))
   with open(os.path.join(copy, "students", "first", "metrics.jsonl")) as f:
     temps = [json.loads(line)["train/first/temperature"] for line in f]
   assert all(t > 0 for t in temps)

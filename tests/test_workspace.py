@@ -7,7 +7,8 @@ import pytest
 
 from first_jax.runtime.errors import UserError
 from first_jax import config as config_lib
-from first_jax.engine import workspace
+from first_jax.engine import modelio, workspace
+from first_jax.engine.job import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -25,7 +26,7 @@ def test_hf_local_jsonl_source_with_a_field_mapping(tmp_path):
                          "--config.data.source=hf", f"--config.data.task={path}",
                          "--config.data.hf_fields.input=q", "--config.data.hf_fields.choices=opts",
                          "--config.data.hf_fields.label=gold"])
-  d = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  d = Job(cfg).data
   sizes = {k: len(v["input_ids"]) for k, v in d.splits.items()}
   assert sum(sizes.values()) == 60 and min(sizes.values()) > 0
   assert d.num_choices == 3 and all((v["label"] == 1).all() for v in d.splits.values())
@@ -74,5 +75,5 @@ def test_a_model_with_non_finite_parameters_is_never_exported(tmp_path):
   bad = models.Model(model.config, jax.tree.unflatten(tree, leaves))
   path = str(tmp_path / "export")
   with pytest.raises(UserError, match="not exported, non-finite parameters"):
-    workspace.export(bad, None, path)
+    modelio.export(bad, None, path)
   assert not os.path.exists(path)

@@ -13,7 +13,7 @@ import pytest
 
 from first_jax.data import sources, store, tokenizer as tokenizer_lib
 from first_jax import cli, config as config_lib
-from first_jax.engine import workspace
+from first_jax.engine.job import Job
 from first_jax.stages import calibrate, extract, finetune, pipeline, train
 
 # Slow (the default suite's 10-minute budget): the guide's commands end to end (~2 min).
@@ -185,9 +185,9 @@ def test_multiple_choice_jsonl_through_the_whole_pipeline(user_dir, monkeypatch)
   monkeypatch.chdir(user_dir)
   cfg = load("my_mcq.py", "--config.students=('sft', 'first')")  # (kd: as first, no temperature)
   t0 = time.time()
-  pipeline.run(cfg)
+  pipeline.run(Job(cfg))
   print(f"my_mcq.py pipeline: {time.time() - t0:.1f} s")
-  wd = workspace.folder(cfg)
+  wd = Job(cfg).layout.root
   assert wd == os.path.join(user_dir, "workdir", "my_mcq")
   with open(os.path.join(wd, "eval", "results.json")) as f:
     results = json.load(f)["results"]
@@ -197,16 +197,15 @@ def test_multiple_choice_jsonl_through_the_whole_pipeline(user_dir, monkeypatch)
   assert results["first"]["in_domain"]["n"] == sizes["test"]
   m = store.StoreReader(os.path.join(wd, "store")).manifest
   assert m["vocab_size"] == 50257 and m["calibration"]["num_events"] == sizes["validation"]
-  student = workspace.load_export(cfg, os.path.join(wd, "students", "first"))
+  student = Job(cfg).load_export(os.path.join(wd, "students", "first"))
   assert student.config.num_layers == 5  # (0, 3, 6, 9, 11) of the 12
 
 
 def test_the_same_questions_as_parquet(user_dir, monkeypatch):
   monkeypatch.chdir(user_dir)
-  tok = tokenizer_lib.load("models/my-teacher")
-  jsonl = workspace.load_data(load("my_mcq.py", "--config.workdir=workdir/j"), tok)
-  parquet = workspace.load_data(load("my_mcq.py", "--config.workdir=workdir/p",
-                                     "--config.data.task=data/my_mcq.parquet"), tok)
+  jsonl, parquet = (Job(load("my_mcq.py", *args)).data for args in (
+      ["--config.workdir=workdir/j"],
+      ["--config.workdir=workdir/p", "--config.data.task=data/my_mcq.parquet"]))
   for split in ("train", "validation", "test"):
     for key in ("input_ids", "label", "choice_ids"):
       np.testing.assert_array_equal(jsonl.splits[split][key], parquet.splits[split][key])
@@ -216,17 +215,18 @@ def test_the_same_questions_as_parquet(user_dir, monkeypatch):
 def test_bigbench_task_with_a_gguf_teacher_finetunes_and_extracts(user_dir, monkeypatch):
   monkeypatch.chdir(user_dir)
   cfg = load("my_bigbench.py")
-  teacher = workspace.init_model(cfg, "teacher", workspace.tokenizer(cfg))
+  job = Job(cfg)
+  teacher = job.init_model("teacher")
   assert teacher.config.num_layers == 12 and teacher.config.vocab_size == 50257
-  finetune.run(cfg)
-  extract.run(cfg)
-  wd = workspace.folder(cfg)
+  finetune.run(job)
+  extract.run(job)
+  wd = job.layout.root
   reader = store.StoreReader(os.path.join(wd, "store"))
   assert reader.num_examples == split_sizes(wd)["train"] > 50  # about 0.7 of 80
-  data = workspace.load_data(cfg, workspace.tokenizer(cfg))
+  data = job.data
   assert list(data.ood) == ["data/my_other_task.json"] and len(data.ood[
       "data/my_other_task.json"]["input_ids"]) == 24
-  tok = workspace.tokenizer(cfg)  # the GGUF's tokenizer: the GPT-2 token ids
+  tok = job.tokenizer  # the GGUF's tokenizer: the GPT-2 token ids
   assert tok("Which one is a fruit?")["input_ids"] == tokenizer_lib.load("gpt2")(
       "Which one is a fruit?")["input_ids"]
 
@@ -239,23 +239,23 @@ def test_instructions_with_a_separate_student_distil_from_the_store(user_dir, mo
   caplog.set_level("WARNING")
   cfg = load("my_instructions.py", "--config.students=('first',)")
   t0 = time.time()
+  job = Job(cfg)
   for stage in (finetune.run, extract.run, calibrate.run, train.run):
-    stage(cfg)
+    stage(job)
   print(f"my_instructions.py finetune..train: {time.time() - t0:.1f} s")
   assert any("1 of 80 records skipped" in r.getMessage() for r in caplog.records)
-  wd = workspace.folder(cfg)
+  wd = job.layout.root
   reader = store.StoreReader(os.path.join(wd, "store"))
   assert reader.spec.positions > 1  # every response token, not one answer position
   assert reader.calibration["scoring"] == "tokens"
-  student = workspace.load_export(cfg, os.path.join(wd, "students", "first"))
+  student = job.load_export(os.path.join(wd, "students", "first"))
   assert student.config.num_layers == 4  # models/my-student
-  tok = workspace.tokenizer(cfg)
-  choice = workspace.load_choice_tasks(cfg, tok)  # evaluate.choice_tasks reads
+  choice = job.choice_tasks()  # evaluate.choice_tasks reads
   assert len(choice["data/my_task.json"]["label"]) == 80
   # the same rows from a CSV file with the Alpaca columns
-  csv = workspace.load_data(load("my_instructions.py", "--config.workdir=workdir/c",
-                                 "--config.data.task=data/my_instructions.csv"), tok)
-  assert csv.fingerprint == workspace.load_data(cfg, tok).fingerprint  # the same examples
+  csv = Job(load("my_instructions.py", "--config.workdir=workdir/c",
+                 "--config.data.task=data/my_instructions.csv")).data
+  assert csv.fingerprint == job.data.fingerprint  # the same examples
 
 
 @pytest.mark.parametrize("index", range(4))

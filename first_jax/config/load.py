@@ -1,5 +1,6 @@
-"""Loading: a Python config file (`get_config(arg)`), `--config.a.b=v` overrides typed by the
-default they replace, validation; the result is locked."""
+"""Loading: `ml_collections.config_flags` parses the command line, a Python config file
+(`get_config(arg)`) and `--config.a.b=v` overrides typed by the default they replace; then
+validation; the result is locked."""
 from __future__ import annotations
 
 import ast
@@ -7,15 +8,18 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from first_jax.runtime.errors import UserError
-from first_jax.config.schema import SCHEMA, type_name
+from first_jax.config.schema import BLOCKS, SCHEMA, base, type_name
 from first_jax.config.checks import _is_type, validate
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+# bool words the command line takes, as config_flags' bool parser reads them
+_BOOL_WORDS = {**dict.fromkeys(("true", "1", "yes", "on"), "true"),
+               **dict.fromkeys(("false", "0", "no", "off"), "false")}
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
@@ -51,35 +55,6 @@ def _where_in(e: BaseException, path: str) -> str:
       line = tb.tb_lineno
     tb = tb.tb_next
   return "" if line is None else f"line {line}: "
-
-
-def _parse_value(key: str, text: str, default: Any) -> Any:
-  """Parses `text` into the type of `default`."""
-  kind = type(default)
-  try:
-    if isinstance(default, bool):
-      if text.lower() in _TRUE:
-        return True
-      if text.lower() in _FALSE:
-        return False
-      raise ValueError
-    if isinstance(default, int):
-      return int(text)
-    if isinstance(default, float):
-      return float(text)
-    if isinstance(default, str):
-      return text
-    if isinstance(default, (tuple, list)):
-      return kind(_parse_sequence(key, text))
-    if default is None:
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
-  except (ValueError, SyntaxError):
-    pass
-  name = type_name(key) if key in SCHEMA else kind.__name__
-  raise UserError(f"config.{key}: expected {name}, got {text!r}")
 
 
 def _item_type(key: str) -> type | None:
@@ -135,63 +110,111 @@ def _parse_item(text: str, item: type | None) -> Any:
   return value
 
 
-def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-  """Sets cfg.<dotted> from command-line text, typed by its current value."""
-  node = cfg
-  parts = dotted.split(".")
+_PROG = "first_jax"
+
+
+class _FileParser(flags.ArgumentParser):
+  """`--config FILE[:ARG]` for config_flags: `load_file`, so that a bad file is one line."""
+
+  def parse(self, argument: str) -> ml_collections.ConfigDict:
+    return load_file(argument)
+
+  def flag_type(self) -> str:
+    return "config file"
+
+
+def _canonical(argv: Sequence[str]) -> list[str]:
+  """argv with each override in the form config_flags parses (`--config.KEY=VALUE`), its value
+  written as config_flags types it: our comma lists as tuple literals (typed by the key's
+  `SCHEMA` entry), bool words as true/false. A block, or an override without a value, is
+  refused here with its one line; unknown keys are left to config_flags (and `_diagnose`).
+  The config file comes first (config_flags reads overrides only after it)."""
+  head, out, overrides, args, i = [], [], {}, list(argv), 0
+  while i < len(args):
+    a = args[i]
+    if a in ("--config", "-c") and i + 1 < len(args):  # (-c: its short name) first, always
+      head, i = ["--config", args[i + 1]], i + 2
+      continue
+    if a.startswith("--config="):
+      head, i = [a], i + 1
+      continue
+    if not a.startswith("--config."):
+      out.append(a)
+      i += 1
+      continue
+    body = a[len("--config."):]
+    if "=" in body:
+      key, text = body.split("=", 1)
+      i += 1
+    elif i + 1 < len(args):
+      key, text, i = body, args[i + 1], i + 2
+    else:
+      raise UserError(f"--config.{body}: expected a value")
+    if key in BLOCKS:
+      raise UserError(f"config.{key}: is a block, set one of its keys instead")
+    spec = SCHEMA.get(key)
+    if spec is not None and isinstance(spec.default, tuple):
+      try:
+        text = repr(_parse_sequence(key, text))
+      except (ValueError, SyntaxError):
+        raise UserError(f"config.{key}: expected {type_name(key)}, got {text!r}") from None
+    elif spec is not None and isinstance(spec.default, bool):
+      text = _BOOL_WORDS.get(text.lower(), text)
+    overrides.pop(key, None)  # a key set twice: the last value, as config_flags keeps it
+    overrides[key] = f"--config.{key}={text}"
+  return head + out + list(overrides.values())
+
+
+def _diagnose(key: str) -> None:
+  """The one line for an override config_flags could not place: an unknown key (naming the
+  keys of the block it is not in; every config has the keys of `base()`, `validate` checks)."""
+  node, parts = base(), key.split(".")
   for i, part in enumerate(parts):
-    where = ".".join(parts[: i + 1])
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       parent = ".".join(["config"] + parts[:i])
       known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-      raise UserError(f"config.{where}: unknown key (keys of {parent}: {known})")
-    if i < len(parts) - 1:
-      node = node[part]
-  default = node[parts[-1]]
-  if isinstance(default, ml_collections.ConfigDict):
-    raise UserError(f"config.{dotted}: is a block, set one of its keys instead")
-  with node.unlocked():
-    node[parts[-1]] = _parse_value(dotted, text, default)
+      raise UserError(f"config.{'.'.join(parts[: i + 1])}: unknown key (keys of {parent}: "
+                      f"{known})")
+    node = node[part]
 
 
-def parse_argv(argv: Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
-  """Splits argv into the config spec and (dotted key, text) overrides."""
-  spec, overrides = None, []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    a = args[i]
-    if a in ("--config", "-c"):
-      if i + 1 >= len(args):
-        raise UserError("--config: expected a path to a config file")
-      spec, i = args[i + 1], i + 2
-      continue
-    if a.startswith("--config="):
-      spec, i = a.split("=", 1)[1], i + 1
-      continue
-    if a.startswith("--config."):
-      body = a[len("--config."):]
-      if "=" in body:
-        key, text = body.split("=", 1)
-        i += 1
-      elif i + 1 < len(args):
-        key, text, i = body, args[i + 1], i + 2
-      else:
-        raise UserError(f"--config.{body}: expected a value")
-      overrides.append((key, text))
-      continue
-    raise UserError(f"{a}: unknown argument (expected --config FILE and --config.key=value)")
-  if spec is None:
+def parse(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config of a command line, unvalidated: `ml_collections.config_flags` reads
+  `--config FILE[:ARG]` (through `load_file`) and applies the `--config.KEY=VALUE` overrides in
+  order (after `_canonical`), each typed by the value it replaces; anything config_flags refuses
+  becomes one line naming the argument or key."""
+  argv = [_PROG] + _canonical(argv)
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=False,
+                                           sys_argv=argv)
+  fv["config"].parser = _FileParser()
+  overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+  try:
+    rest = fv(argv)
+  except flags.UnrecognizedFlagError as e:
+    raise UserError(f"--{e.flagname}: unknown argument (expected --config FILE and "
+                    f"--config.key=value)") from None
+  except flags.IllegalFlagValueError as e:
+    flag, _, text = str(e).partition(": ")[0].removeprefix("flag --config.").partition("=")
+    name = type_name(flag) if flag in SCHEMA else "a value of the key's type"
+    raise UserError(f"config.{flag}: expected {name}, got {text!r}") from None
+  except (AttributeError, KeyError):  # an override of a key the config does not have
+    for key in overrides:
+      _diagnose(key)
+    raise
+  except flags.Error as e:  # anything else config_flags refuses, as one line
+    raise UserError((str(e).splitlines() or [type(e).__name__])[0]) from None
+  if len(rest) > 1:
+    raise UserError(f"{rest[1]}: unknown argument (expected --config FILE and "
+                    f"--config.key=value)")
+  if holder.value is None:
     raise UserError("--config: required (e.g. --config configs/smoke.py)")
-  return spec, overrides
+  return holder.value
 
 
 def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
-  """Loads, overrides, validates and locks a config from command-line arguments."""
-  spec, overrides = parse_argv(argv)
-  cfg = load_file(spec)
-  for key, text in overrides:
-    apply_override(cfg, key, text)
+  """Loads (`parse`), validates and locks a config from command-line arguments."""
+  cfg = parse(argv)
   validate(cfg)
   cfg.lock()
   return cfg

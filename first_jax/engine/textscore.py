@@ -13,7 +13,7 @@ approximation:
 Token-level ECE / MCE / reliability use (confidence, correct) of every scored token; the
 post-hoc temperature of a model is the grid t with the lowest validation token NLL.
 
-Choice tasks scored from text rows (`workspace.load_choice_tasks`): a choice's log-likelihood
+Choice tasks scored from text rows (`datasets.load_choice_tasks`): a choice's log-likelihood
 is the sum of its tokens' log-probs after the prompt; the softmax over an example's choices
 gives its prediction and confidence (lm-eval-harness style), at any grid t as well.
 

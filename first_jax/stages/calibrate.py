@@ -29,6 +29,7 @@ from first_jax.runtime.errors import UserError
 from first_jax.core import calibration, losses, temperature
 from first_jax.data import store
 from first_jax.engine import infer, plots, workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
@@ -102,51 +103,49 @@ def premise(lp_NxK, ids_NxK, tail_N, gold_N, choice_NxC, searches: dict, tail: s
 FINGERPRINT = "calibration_fingerprint"  # top-level store manifest key beside `calibration`
 
 
-def fingerprint(cfg, manifest: dict) -> str:
+def fingerprint(job: Job, manifest: dict) -> str:
   """What a calibration depends on: the store it was made for (its teacher, data and k, as the
   manifest records them) and the config keys the search and its scoring read."""
+  cfg = job.cfg
   return workspace.fingerprint(
       (manifest.get("teacher") or {}).get("fingerprint"), manifest.get("data_fingerprint"),
       manifest.get("k"), cfg.extract.k, cfg.calibrate, cfg.evaluate.scoring, cfg.distill.tail,
       cfg.data.kind)
 
 
-def _manifest(cfg) -> dict | None:
-  return store.read_manifest(workspace.folder(cfg, "store"))
+def _manifest(job: Job) -> dict | None:
+  return store.read_manifest(job.layout.store)
 
 
-def is_done(cfg, data_fingerprint: str | None = None) -> bool:
+def is_done(job: Job) -> bool:
   """Whether the store's manifest holds a calibration of this config: a complete store of this
-  config's teacher (and, when given, of this data fingerprint) whose calibration_fingerprint
-  matches `fingerprint`."""
-  m = _manifest(cfg)
+  config's teacher and data whose calibration_fingerprint matches `fingerprint`."""
+  m = _manifest(job)
   if not (m and m.get("complete") and m.get("calibration")):
     return False
-  if (m.get("teacher") or {}).get("fingerprint") != workspace.teacher_fingerprint(cfg):
+  if (m.get("teacher") or {}).get("fingerprint") != job.teacher_fingerprint:
     return False
-  if data_fingerprint is not None and m.get("data_fingerprint") != data_fingerprint:
+  if m.get("data_fingerprint") != job.data_fingerprint:
     return False
-  return m.get(FINGERPRINT) == fingerprint(cfg, m)
+  return m.get(FINGERPRINT) == fingerprint(job, m)
 
 
-def _check_premise(cfg, check: dict) -> None:
-  if cfg.calibrate.require_premise and not check["holds"]:
+def _check_premise(job: Job, check: dict) -> None:
+  if job.cfg.calibrate.require_premise and not check["holds"]:
     raise UserError(f"calibrate.require_premise: the teacher is not over-confident on validation "
                     f"(confidence {check['teacher_val_confidence']:.4f}, accuracy "
                     f"{check['teacher_val_accuracy']:.4f}, log_space t {check['t_log_space']:.3g}"
                     f"); fine-tune it longer (finetune.epochs) or set the key to false")
 
 
-def run(cfg) -> dict:
-  out = workspace.folder(cfg, "store")
+def run(job: Job) -> dict:
+  out, cfg = job.layout.store, job.cfg
   store.StoreReader(out, verify=False)  # a clear error if extract has not written the store
-  tok = workspace.tokenizer(cfg)
-  data = workspace.load_data(cfg, tok)
-  teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher").for_inference()
-  val = data.splits["validation"]
+  val = job.data.splits["validation"]
+  teacher = job.load_export(job.layout.teacher, "teacher").for_inference()
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"
-  mesh = workspace.mesh(cfg)
+  mesh = job.mesh
   fn = infer.topk_program(teacher.module, teacher.params, k_report, not text, mesh)
   top = infer.topk_rows(fn, teacher.params, val, cfg.extract.batch_size, mesh, desc="calibrate")
   lp_NxR, ids_NxR, _, gold_N = (token_events if text else answer_events)(top, val)
@@ -175,39 +174,37 @@ def run(cfg) -> dict:
       "teacher_top1_accuracy": float(np.mean(ids_NxK[:, 0] == gold_N)),
       "topk_mass_mean": mass_NxR.mean(axis=0).tolist(),  # k = 1..k_report
   }
-  m = _manifest(cfg) or {}
+  m = _manifest(job) or {}
   if main:
     plots.histogram(os.path.join(out, "topk_mass.png"), mass_NxR[:, k - 1], 20,
                     f"teacher probability mass inside the top-{k}",
                     f"concentrated knowledge (validation "
                     f"{'response tokens' if text else 'answers'})")
     # the block and its done-marker in one atomic manifest update: they cannot disagree
-    store.update_manifest(out, calibration=block, **{FINGERPRINT: fingerprint(cfg, m)})
+    store.update_manifest(out, calibration=block, **{FINGERPRINT: fingerprint(job, m)})
   distributed.sync("calibrate: manifest written")
   verdict = "HOLDS" if check["holds"] else "DOES NOT HOLD"
   log.info("premise %s: teacher validation confidence %.4f vs accuracy %.4f (%s scoring, %d "
            "events); searched log_space t=%.4g (%s)", verdict, check["teacher_val_confidence"],
            check["teacher_val_accuracy"], scoring, len(gold_N),
            check["t_log_space"], "softens" if check["t_log_space"] > 1 else "sharpens")
-  _check_premise(cfg, check)
+  _check_premise(job, check)
   return block
 
 
-def _where(cfg) -> str:
-  m = _manifest(cfg) or {}
-  return (f"{os.path.join(workspace.folder(cfg, 'store'), store.MANIFEST)}, {FINGERPRINT} "
-          f"{m.get(FINGERPRINT)}")
+def _where(job: Job) -> str:
+  m = _manifest(job) or {}
+  return f"{os.path.join(job.layout.store, store.MANIFEST)}, {FINGERPRINT} {m.get(FINGERPRINT)}"
 
 
-def _when_done(cfg) -> dict:
+def _when_done(job: Job) -> dict:
   """The stored calibration block, its premise checked as a run checks it."""
-  calibration = _manifest(cfg)["calibration"]
-  _check_premise(cfg, calibration["premise"])
+  calibration = _manifest(job)["calibration"]
+  _check_premise(job, calibration["premise"])
   return calibration
 
 
 # its output is the store manifest's calibration: resume=false calibrates again (extract has
 # moved the old store aside when the pipeline starts over)
 STAGE = base.Stage(
-    name="calibrate", run=run, is_done=lambda cfg, inputs: is_done(cfg, inputs.data_fingerprint),
-    where=_where, when_done=_when_done)
+    name="calibrate", run=run, is_done=is_done, where=_where, when_done=_when_done)

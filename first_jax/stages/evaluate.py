@@ -40,6 +40,7 @@ from first_jax.runtime import distributed, io_util
 from first_jax.core import calibration, step, temperature, topk
 from first_jax import models
 from first_jax.engine import infer, plots, textscore, workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
@@ -217,22 +218,22 @@ def path_fingerprint(path: str) -> str:
   return h.hexdigest()[:16]
 
 
-def _models(cfg, tok) -> dict[str, tuple[Callable, str | None]]:
+def _models(job: Job) -> dict[str, tuple[Callable, str | None]]:
   """Name -> (loader, fingerprint of the model or None: not cached) of every model found."""
-  found = {"teacher_pretrained": (lambda: workspace.init_model(cfg, "teacher", tok),
+  cfg = job.cfg
+  found = {"teacher_pretrained": (functools.partial(job.init_model, "teacher"),
                                   workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.teacher))}
-  teacher = workspace.folder(cfg, "teacher")
+  teacher = job.layout.teacher
   if os.path.exists(os.path.join(teacher, "export", "config.json")):
-    found["teacher"] = (functools.partial(workspace.load_export, cfg, teacher, "teacher"),
+    found["teacher"] = (functools.partial(job.load_export, teacher, "teacher"),
                         workspace.done_fingerprint(teacher))
   for name in cfg.students:
-    path = workspace.folder(cfg, "students", name)
+    path = job.layout.student(name)
     if os.path.exists(os.path.join(path, "export", "config.json")):
-      found[name] = (functools.partial(workspace.load_export, cfg, path),
-                     workspace.done_fingerprint(path))
+      found[name] = (functools.partial(job.load_export, path), workspace.done_fingerprint(path))
   for path in cfg.evaluate.models:
     found[os.path.basename(os.path.normpath(path))] = (
-        functools.partial(models.load_pretrained, path, mesh=workspace.mesh(cfg)), None)
+        lambda path=path: models.load_pretrained(path, mesh=job.mesh), None)
   return found
 
 
@@ -259,24 +260,22 @@ def model_fingerprints(cfg, found: dict[str, tuple[Callable, str | None]]) -> di
   return out
 
 
-def fingerprint(cfg, data_fingerprint: str, model_fps: dict[str, Any]) -> str:
+def fingerprint(job: Job, model_fps: dict[str, Any]) -> str:
   """What an evaluation depends on (its done-marker): the sets (`data_key`, the data config and
   seed that split them, the tokenizer), the `evaluate` block and every model's fingerprint."""
-  return workspace.fingerprint(data_key(cfg, data_fingerprint), workspace.data_block(cfg),
-                               cfg.seed, cfg.tokenizer, cfg.evaluate, model_fps)
+  cfg = job.cfg
+  return workspace.fingerprint(data_key(cfg, job.data_fingerprint), job.data_block, cfg.seed,
+                               cfg.tokenizer, cfg.evaluate, model_fps)
 
 
-def is_done(cfg, tok=None, data_fingerprint: str | None = None) -> bool:
+def is_done(job: Job) -> bool:
   """Whether eval/ holds the results of an evaluation of exactly these data, settings and
   models (eval/done.json's fingerprint matches and results.json exists)."""
-  out = workspace.folder(cfg, "eval")
+  out = job.layout.eval
   if not os.path.exists(os.path.join(out, "done.json")):
     return False
-  tok = workspace.tokenizer(cfg) if tok is None else tok
-  if data_fingerprint is None:
-    data_fingerprint = workspace.data_fingerprint(cfg, tok)
-  fps = model_fingerprints(cfg, _models(cfg, tok))
-  return _done(out, fps, fingerprint(cfg, data_fingerprint, fps))
+  fps = model_fingerprints(job.cfg, _models(job))
+  return _done(out, fps, fingerprint(job, fps))
 
 
 def _done(out: str, model_fps: dict[str, Any], fp: str) -> bool:
@@ -285,9 +284,9 @@ def _done(out: str, model_fps: dict[str, Any], fp: str) -> bool:
           and os.path.exists(os.path.join(out, "results.json")) and workspace.is_done(out, fp))
 
 
-def report(cfg) -> dict:
+def report(job: Job) -> dict:
   """Prints the stored table of a finished evaluation and returns its results."""
-  out = workspace.folder(cfg, "eval")
+  out = job.layout.eval
   with open(os.path.join(out, "results.json")) as f:
     doc = json.load(f)
   md_path = os.path.join(out, "results.md")
@@ -343,7 +342,8 @@ def _compact(ev: dict[str, np.ndarray]) -> dict[str, list]:
 class _Choice:
   """Multiple-choice data: each row scored at its answer position (`answer_scores`)."""
 
-  def __init__(self, cfg, tok, data):
+  def __init__(self, job: Job):
+    cfg, data = job.cfg, job.data
     self.cfg, self.nb, self.scoring = cfg, tuple(cfg.evaluate.num_bins), cfg.evaluate.scoring
     self.sets = {"in_domain": data.splits["test"],
                  **{f"ood:{k}": v for k, v in data.ood.items()},
@@ -378,10 +378,11 @@ class _Text:
   """Text data: every response token scored (`first_jax.engine.textscore`), at each temperature of
   `evaluate.post_hoc_grid`; `evaluate.choice_tasks` scored by their choices' log-likelihood."""
 
-  def __init__(self, cfg, tok, data):
+  def __init__(self, job: Job):
+    cfg, data = job.cfg, job.data
     self.cfg, self.nb, self.scoring = cfg, tuple(cfg.evaluate.num_bins), "tokens"
     self.t_T = textscore.grid(*cfg.evaluate.post_hoc_grid)
-    self.choice = {f"choice:{k}": v for k, v in workspace.load_choice_tasks(cfg, tok).items()}
+    self.choice = {f"choice:{k}": v for k, v in job.choice_tasks().items()}
     self.sets = {"in_domain": data.splits["test"],
                  **{f"ood:{k}": v for k, v in data.ood.items()},
                  **{s: v["rows"] for s, v in self.choice.items()},
@@ -420,20 +421,19 @@ class _Text:
     return out, compact
 
 
-def run(cfg) -> dict:
-  out = workspace.folder(cfg, "eval")
-  tok = workspace.tokenizer(cfg)
-  found = _models(cfg, tok)
+def run(job: Job) -> dict:
+  out, cfg = job.layout.eval, job.cfg
+  found = _models(job)
   model_fps = model_fingerprints(cfg, found)
-  done_fp = fingerprint(cfg, workspace.data_fingerprint(cfg, tok), model_fps)
+  done_fp = fingerprint(job, model_fps)
   if distributed.is_main():  # the only writer of eval/
     if os.path.exists(os.path.join(out, "done.json")):
       os.remove(os.path.join(out, "done.json"))  # results of another evaluation: not done now
     for folder in (out, os.path.join(out, "scores")):  # what a killed write left half-written
       io_util.remove_stale_temps(folder)
-  data = workspace.load_data(cfg, tok)
-  kind = (_Text if data.kind == "text" else _Choice)(cfg, tok, data)
-  mesh = workspace.mesh(cfg)
+  data = job.data
+  kind = (_Text if data.kind == "text" else _Choice)(job)
+  mesh = job.mesh
   results: dict[str, dict] = {}
   per_example: dict[str, dict] = {}
   val_nll: dict[str, float] = {}
@@ -487,11 +487,6 @@ def run(cfg) -> dict:
   return results
 
 
-def _eval(cfg) -> str:
-  return workspace.folder(cfg, "eval")
-
-
 STAGE = base.Stage(
-    name="evaluate", run=run,
-    is_done=lambda cfg, inputs: is_done(cfg, inputs.tokenizer, inputs.data_fingerprint),
-    where=_eval, outputs=lambda cfg: [_eval(cfg)], when_done=report)
+    name="evaluate", run=run, is_done=is_done, where=lambda job: job.layout.eval,
+    outputs=lambda job: [job.layout.eval], when_done=report)

@@ -14,48 +14,46 @@ import jax
 
 from first_jax.runtime import distributed
 from first_jax.data import store, tokenizer as tokenizer_lib
-from first_jax.engine import infer, workspace
+from first_jax.engine import infer
+from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
 
 
-def is_done(cfg, data_fingerprint: str) -> bool:
+def is_done(job: Job) -> bool:
   """The store is complete and of this config's teacher, data, k and log-prob dtype (what
   extraction would otherwise verify, or refuse)."""
-  m = store.read_manifest(workspace.folder(cfg, "store"))
+  m, c = store.read_manifest(job.layout.store), job.cfg.extract
   return bool(m is not None and m.get("complete")
-              and (m.get("teacher") or {}).get("fingerprint") == workspace.teacher_fingerprint(cfg)
-              and m.get("data_fingerprint") == data_fingerprint and m.get("k") == cfg.extract.k
-              and m.get("logprob_dtype") == cfg.extract.logprob_dtype)
+              and (m.get("teacher") or {}).get("fingerprint") == job.teacher_fingerprint
+              and m.get("data_fingerprint") == job.data_fingerprint and m.get("k") == c.k
+              and m.get("logprob_dtype") == c.logprob_dtype)
 
 
-def run(cfg) -> str:
-  out = workspace.folder(cfg, "store")
-  teacher_dir = workspace.folder(cfg, "teacher")
-  tok = workspace.tokenizer(cfg)
-  data = workspace.load_data(cfg, tok)
-  train = data.splits["train"]
-  teacher = workspace.load_export(cfg, teacher_dir, "teacher")
+def run(job: Job) -> str:
+  out, teacher_dir, c = job.layout.store, job.layout.teacher, job.cfg.extract
+  train = job.data.splits["train"]
+  teacher = job.load_export(teacher_dir, "teacher")
   scored_NxL = train["loss_mask"] > 0
   spec = store.StoreSpec(
-      k=cfg.extract.k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
+      k=c.k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
       positions=max(1, int(scored_NxL.sum(-1).max())),  # only positions with a loss are kept
-      logprob_dtype=cfg.extract.logprob_dtype,
+      logprob_dtype=c.logprob_dtype,
       teacher={"export": os.path.join(teacher_dir, "export"),
-               "fingerprint": workspace.teacher_fingerprint(cfg)},
-      tokenizer_hash=tokenizer_lib.tokenizer_hash(tok), data_fingerprint=data.fingerprint)
+               "fingerprint": job.teacher_fingerprint},
+      tokenizer_hash=tokenizer_lib.tokenizer_hash(job.tokenizer),
+      data_fingerprint=job.data.fingerprint)
   # Every process writes the rows it computed into its own shard files; process 0 merges the
   # manifests (finalize) once all are complete.
   writer = store.StoreWriter(out, spec, host_id=jax.process_index(),
                              num_hosts=jax.process_count())
-  mesh = workspace.mesh(cfg)
+  mesh = job.mesh
   # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
   # text: the top-k at every position, of which the store keeps the response tokens'.
   teacher = teacher.for_inference()
-  fn = infer.topk_program(teacher.module, teacher.params, cfg.extract.k,
-                          workspace.answer_only(cfg), mesh)
-  n, size = len(train["input_ids"]), cfg.extract.shard_size
+  fn = infer.topk_program(teacher.module, teacher.params, c.k, job.answer_only, mesh)
+  n, size = len(train["input_ids"]), c.shard_size
   num_shards = -(-n // size)
   for index in range(num_shards):
     if distributed.all_processes(writer.has_shard(index)):  # every process runs every batch
@@ -63,7 +61,7 @@ def run(cfg) -> str:
       continue
     rows = slice(index * size, min(n, (index + 1) * size))
     part = {k: v[rows] for k, v in train.items()}
-    top = infer.topk_rows(fn, teacher.params, part, cfg.extract.batch_size, mesh,
+    top = infer.topk_rows(fn, teacher.params, part, c.batch_size, mesh,
                           desc=f"extract {index + 1}/{num_shards}", gather=False)
     mine = top["row"]
     writer.write_shard(index, part["example_id"][mine], part["input_ids"][mine],
@@ -78,10 +76,6 @@ def run(cfg) -> str:
   return out
 
 
-def _store(cfg) -> str:
-  return workspace.folder(cfg, "store")
-
-
 STAGE = base.Stage(
-    name="extract", run=run, is_done=lambda cfg, inputs: is_done(cfg, inputs.data_fingerprint),
-    where=_store, outputs=lambda cfg: [_store(cfg)], when_done=_store)
+    name="extract", run=run, is_done=is_done, where=lambda job: job.layout.store,
+    outputs=lambda job: [job.layout.store], when_done=lambda job: job.layout.store)

@@ -6,46 +6,33 @@ fine-tuned teacher every later stage loads.
 from __future__ import annotations
 
 import logging
-import os
 
-from first_jax.runtime import sharding
 from first_jax.core import step
-from first_jax.engine import trainer, workspace
+from first_jax.engine import workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
 
 
-def is_done(cfg) -> bool:
-  return workspace.is_done(workspace.folder(cfg, "teacher"), workspace.teacher_fingerprint(cfg))
+def is_done(job: Job) -> bool:
+  return workspace.is_done(job.layout.teacher, job.teacher_fingerprint)
 
 
-def run(cfg) -> str:
-  out = workspace.folder(cfg, "teacher")
-  fp = workspace.teacher_fingerprint(cfg)
-  tok = workspace.tokenizer(cfg)
-  data = workspace.load_data(cfg, tok)
-  model = workspace.init_model(cfg, "teacher", tok)
+def run(job: Job) -> str:
+  out, fp = job.layout.teacher, job.teacher_fingerprint
+  train = job.data.splits["train"]  # the data (and its errors) before any model loads
+  model = job.init_model("teacher")
   workspace.start_run(out, fp)
-  mesh = workspace.mesh(cfg)
-  spec = step.LossSpec(kind="ce", label_smoothing=cfg.finetune.label_smoothing,
-                       answer_only=workspace.answer_only(cfg))
-  params = trainer.train_model(
-      name="finetune", folder=out, module=model.module, params=model.params,
-      arrays=data.splits["train"], spec=spec, optim=cfg.finetune, seed=cfg.seed, mesh=mesh,
-      batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
-      every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-      log_every=cfg.log_every_steps)
-  workspace.export(workspace.with_params(model, params), tok, os.path.join(out, "export"))
-  workspace.finish_training(cfg, out, fp)
+  spec = step.LossSpec(kind="ce", label_smoothing=job.cfg.finetune.label_smoothing,
+                       answer_only=job.answer_only)
+  params = job.train("finetune", out, model, train, spec, job.cfg.finetune, seed=job.seed)
+  job.export(model, params, out)
+  job.finish_training(out, fp)
   return out
 
 
-def _teacher(cfg) -> str:
-  return workspace.folder(cfg, "teacher")
-
-
 STAGE = base.Stage(
-    name="finetune", run=run, is_done=lambda cfg, inputs: is_done(cfg), where=_teacher,
-    outputs=lambda cfg: [_teacher(cfg)], when_done=_teacher,
-    prune=lambda cfg: workspace.prune_done(cfg, _teacher(cfg)))
+    name="finetune", run=run, is_done=is_done, where=lambda job: job.layout.teacher,
+    outputs=lambda job: [job.layout.teacher], when_done=lambda job: job.layout.teacher,
+    prune=lambda job: job.prune_done(job.layout.teacher))

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 
-from first_jax.engine import workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base, calibrate, evaluate, extract, finetune, train
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,13 @@ ORDER = (finetune.STAGE, extract.STAGE, calibrate.STAGE, train.STAGE, evaluate.S
 STAGES = tuple(stage.name for stage in ORDER)
 
 
-def run(cfg) -> dict:
-  train.run_checks(cfg)  # every student variant name is checked before any work starts
-  workspace.check_data(cfg)  # and the splits and batch sizes against the data
-  inputs, result = base.Inputs(cfg), None
-  for stage in ORDER:
-    result = base.execute(stage, cfg, inputs)
-  path = base.timings_path(cfg)
+def run(job: Job) -> dict:
+  train.run_checks(job.cfg)  # every student variant name is checked before any work starts
+  job.check_data()  # and the splits and batch sizes against the data
+  result = None
+  for stage in ORDER:  # one job: the stages share its tokenizer, data and mesh
+    result = base.execute(stage, job)
+  path = job.layout.timings
   timings = json.load(open(path)) if os.path.exists(path) else {}
   log.info("pipeline: done (stage seconds, skipped stages as first measured: %s)",
            json.dumps({name: timings.get(name) for name in STAGES}))

@@ -22,11 +22,11 @@ import os
 import ml_collections
 import numpy as np
 
-from first_jax.runtime import sharding
 from first_jax.runtime.errors import UserError
 from first_jax.core import losses, step, temperature
 from first_jax.data import store
-from first_jax.engine import trainer, workspace
+from first_jax.engine import job as job_lib, workspace
+from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def parse_variant(name: str, cfg) -> Variant:
     return dataclasses.replace(parse_variant(name_only, cfg), name=name, epochs=int(epochs))
   base, *mods = name.split("-")
   d = cfg.distill
-  answer_only = workspace.answer_only(cfg)
+  answer_only = job_lib.answer_only(cfg)
   if base == "sft_ls" and mods in ([], ["choices"]):
     return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
                                        smooth_over="choices" if mods else "vocab",
@@ -88,15 +88,15 @@ def parse_variant(name: str, cfg) -> Variant:
                   f"(expected sft, sft_ls[-choices], kd[-mods], first[-mods], full_kd)")
 
 
-def teacher_temperature(cfg, spec: step.LossSpec) -> float:
+def teacher_temperature(job: Job, spec: step.LossSpec) -> float:
   """The temperature of a FIRST run: calibrated, or a number from the config; with the online
   search, its start value (the offline calibration's where one exists, else 1)."""
   if spec.kind != "topk_kd" or spec.temperature_mode is None:
     return 1.0
-  t = cfg.distill.temperature
+  t = job.cfg.distill.temperature
   if t not in ("calibrated", "search"):
     return float(t)  # a positive number: checked at start-up (config.validate)
-  path = workspace.folder(cfg, "store")
+  path = job.layout.store
   calib = None
   if os.path.exists(os.path.join(path, store.MANIFEST)):
     calib = store.StoreReader(path, verify=False).calibration
@@ -130,58 +130,52 @@ def student_seed(cfg) -> int:
   return cfg.distill.seed if cfg.distill.seed >= 0 else cfg.seed
 
 
-def variant_fingerprint(cfg, variant: Variant, t: float) -> str:
+def variant_fingerprint(job: Job, variant: Variant, t: float) -> str:
   """What a student run depends on: data, student, distillation, and (for KD) the teacher."""
-  teacher = workspace.teacher_fingerprint(cfg) if variant.needs_teacher else None
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, workspace.data_block(cfg), cfg.student,
+  cfg, teacher = job.cfg, job.teacher_fingerprint if variant.needs_teacher else None
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, job.data_block, cfg.student,
                                cfg.distill, cfg.extract.k, dataclasses.asdict(variant.spec),
                                teacher, t,
                                *([variant.epochs] if variant.epochs else []))
 
 
-def is_done(cfg, variant: Variant) -> bool:
-  fp = variant_fingerprint(cfg, variant, teacher_temperature(cfg, variant.spec))
-  return workspace.is_done(workspace.folder(cfg, "students", variant.name), fp)
+def is_done(job: Job, variant: Variant) -> bool:
+  fp = variant_fingerprint(job, variant, teacher_temperature(job, variant.spec))
+  return workspace.is_done(job.layout.student(variant.name), fp)
 
 
-def train_variant(cfg, variant: Variant, tok, data) -> str:
-  out = workspace.folder(cfg, "students", variant.name)
-  spec = variant.spec
-  if is_done(cfg, variant):
+def train_variant(job: Job, variant: Variant) -> str:
+  out, spec, cfg = job.layout.student(variant.name), variant.spec, job.cfg
+  if is_done(job, variant):
     log.info("train %s: done already", variant.name)
-    workspace.prune_done(cfg, out)  # finishes a pruning a kill interrupted
+    job.prune_done(out)  # finishes a pruning a kill interrupted
     return out
-  t = teacher_temperature(cfg, spec)
-  fp = variant_fingerprint(cfg, variant, t)
+  t = teacher_temperature(job, spec)
+  fp = variant_fingerprint(job, variant, t)
+  train = job.data.splits["train"]  # the data (and its errors) before any model loads
   reader = None
   if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
-    reader = store.StoreReader(workspace.folder(cfg, "store"))
+    reader = store.StoreReader(job.layout.store)
     if not reader.manifest.get("complete"):
       raise UserError(f"{reader.store_dir}: the store is incomplete (its extraction did not "
                       f"finish); re-run first_jax.extract to complete it")
-  mesh = workspace.mesh(cfg)
   optim = cfg.distill
   if variant.epochs:  # the same optimiser and schedule shape over fewer (or more) epochs
     optim = ml_collections.ConfigDict({**cfg.distill.to_dict(), "epochs": variant.epochs})
-  teacher = None
+  teacher = {}
   if spec.online:
-    teacher = workspace.load_export(cfg, workspace.folder(cfg, "teacher"), "teacher")
+    model = job.load_export(job.layout.teacher, "teacher")
+    teacher = dict(teacher_module=model.module, teacher_params=model.params)
+  if reader is not None:
+    teacher = dict(add_targets=store_targets(reader))
   log.info("train %s: %s, teacher temperature %s", variant.name, spec,
            f"searched in-step from {t:.4g}" if spec.search else f"{t:.4g}")
-  student = workspace.init_model(cfg, "student", tok)
+  student = job.init_model("student")
   workspace.start_run(out, fp)
-  params = trainer.train_model(
-      name=f"train/{variant.name}", folder=out, module=student.module, params=student.params,
-      arrays=data.splits["train"], spec=spec, optim=optim, seed=student_seed(cfg), mesh=mesh,
-      batch_sharding=sharding.batch_sharding(mesh), resume=cfg.resume,
-      every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-      log_every=cfg.log_every_steps,
-      teacher_module=teacher.module if teacher is not None else None,
-      teacher_params=teacher.params if teacher is not None else None,
-      add_targets=store_targets(reader) if reader is not None else None,
-      initial_temperature=t)
-  workspace.export(workspace.with_params(student, params), tok, os.path.join(out, "export"))
-  workspace.finish_training(cfg, out, fp, temperature=t)
+  params = job.train(f"train/{variant.name}", out, student, train, spec, optim,
+                     seed=student_seed(cfg), initial_temperature=t, **teacher)
+  job.export(student, params, out)
+  job.finish_training(out, fp, temperature=t)
   return out
 
 
@@ -189,25 +183,23 @@ def run_checks(cfg) -> list[Variant]:
   return [parse_variant(name, cfg) for name in cfg.students]
 
 
-def run(cfg) -> list[str]:
-  variants = run_checks(cfg)  # all checked before any work
-  tok = workspace.tokenizer(cfg)
-  data = workspace.load_data(cfg, tok)
-  return [train_variant(cfg, v, tok, data) for v in variants]
+def run(job: Job) -> list[str]:
+  variants = run_checks(job.cfg)  # all checked before any work
+  return [train_variant(job, v) for v in variants]
 
 
-def _students(cfg) -> list[str]:
-  return [workspace.folder(cfg, "students", name) for name in cfg.students]
+def _students(job: Job) -> list[str]:
+  return [job.layout.student(name) for name in job.cfg.students]
 
 
-def _prune(cfg) -> None:
-  for path in _students(cfg):
-    workspace.prune_done(cfg, path)
+def _prune(job: Job) -> None:
+  for path in _students(job):
+    job.prune_done(path)
 
 
 # each student is its own run: a stage with some students done trains the others only
 STAGE = base.Stage(
     name="train", run=run,
-    is_done=lambda cfg, inputs: all(is_done(cfg, v) for v in run_checks(cfg)),
-    where=lambda cfg: ", ".join(_students(cfg)), outputs=_students, when_done=_students,
+    is_done=lambda job: all(is_done(job, v) for v in run_checks(job.cfg)),
+    where=lambda job: ", ".join(_students(job)), outputs=_students, when_done=_students,
     prune=_prune)
