@@ -137,7 +137,8 @@ class Job:
   def train(self, name: str, folder: str, model: models.Model, arrays: dict, spec, optim,
             seed: int, **teacher: Any) -> Any:
     """Trains `model` on `arrays` (`trainer.train_model`) with the run's mesh, resume and
-    checkpoint settings; returns its parameters."""
+    checkpoint settings; `teacher`: what a KD student adds (the online teacher's module and
+    params, or the store's targets, and its start temperature). Returns the parameters."""
     c = self.cfg
     return trainer.train_model(
         name=name, folder=folder, module=model.module, params=model.params,
