@@ -169,7 +169,7 @@ def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
 @pytest.mark.parametrize("name,bundle,test_n,val_n", [
     ("trust.py", "teacher", 2000, 1000),  # the first study (multiemo)
     ("trust_vader.py", "vader/teacher", 1500, 500),  # issue 25's sizes
-    ("trust_evals.py", None, 1000, 500),  # no teacher bundle yet
+    ("trust_evals.py", "evals/teacher", 1000, 500),
 ])
 def test_trust_config_shares_one_teacher_across_student_seeds(name, bundle, test_n, val_n):
   from first_jax.stages import train
