@@ -85,8 +85,9 @@ def compare(a: dict, b: dict, num_bootstrap: int = 2000, seed: int = 0) -> dict[
 
 
 def markdown(res: dict, a_name: str, b_name: str, a_path: str, b_path: str,
-             command: str = "python -m bench.precision_pair --a A --b B --out OUT") -> str:
-  lines = [f"# The README job at {a_name} vs {b_name}: the same seed, paired", "",
+             command: str = "python -m bench.precision_pair --a A --b B --out OUT",
+             title: str = "The README job") -> str:
+  lines = [f"# {title} at {a_name} vs {b_name}: the same seed, paired", "",
            f"a = {a_name}: `{a_path}`; b = {b_name}: `{b_path}`. "
            "Difference a - b with its 95% paired bootstrap interval (2,000 resamples of the "
            "evaluated examples, the same for both runs); 'in b's CI': whether a's value lies in "
@@ -120,14 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--b-name", default="b")
   ap.add_argument("--out", required=True, help="<out>.json and <out>.md are written")
   ap.add_argument("--bootstrap", type=int, default=2000)
+  ap.add_argument("--title", default="The README job", help="what was run twice (the heading)")
   args = ap.parse_args(argv)
   res = compare(_record(args.a), _record(args.b), args.bootstrap)
   payload = {"a": {"name": args.a_name, "path": args.a}, "b": {"name": args.b_name,
                                                              "path": args.b}, "paired": res}
   report.atomic_write(args.out + ".json", json.dumps(payload, indent=1) + "\n")
   command = (f"python -m bench.precision_pair --a {args.a} --b {args.b} --a-name {args.a_name} "
-             f"--b-name {args.b_name} --out {args.out}")
-  text = markdown(res, args.a_name, args.b_name, args.a, args.b, command)
+             f"--b-name {args.b_name} --out {args.out}"
+             + (f" --title '{args.title}'" if args.title != "The README job" else ""))
+  text = markdown(res, args.a_name, args.b_name, args.a, args.b, command, args.title)
   report.atomic_write(args.out + ".md", text)
   print(text)
   return payload
