@@ -111,6 +111,7 @@ def _parse_item(text: str, item: type | None) -> Any:
 
 
 _PROG = "first_jax"
+_UNKNOWN = "unknown argument (expected --config FILE and --config.key=value)"
 
 
 class _FileParser(flags.ArgumentParser):
@@ -192,8 +193,7 @@ def parse(argv: Sequence[str]) -> ml_collections.ConfigDict:
   try:
     rest = fv(argv)
   except flags.UnrecognizedFlagError as e:
-    raise UserError(f"--{e.flagname}: unknown argument (expected --config FILE and "
-                    f"--config.key=value)") from None
+    raise UserError(f"--{e.flagname}: {_UNKNOWN}") from None
   except flags.IllegalFlagValueError as e:
     flag, _, text = str(e).partition(": ")[0].removeprefix("flag --config.").partition("=")
     name = type_name(flag) if flag in SCHEMA else "a value of the key's type"
@@ -205,8 +205,7 @@ def parse(argv: Sequence[str]) -> ml_collections.ConfigDict:
   except flags.Error as e:  # anything else config_flags refuses, as one line
     raise UserError((str(e).splitlines() or [type(e).__name__])[0]) from None
   if len(rest) > 1:
-    raise UserError(f"{rest[1]}: unknown argument (expected --config FILE and "
-                    f"--config.key=value)")
+    raise UserError(f"{rest[1]}: {_UNKNOWN}")
   if holder.value is None:
     raise UserError("--config: required (e.g. --config configs/smoke.py)")
   return holder.value
