@@ -12,6 +12,7 @@
 # machine restores them instead of fine-tuning the teacher again (~90 minutes on 2 cores). Seeds
 # >= 1 then run `train` and `evaluate` only, so their reports have no fine-tuned-teacher row (its
 # scores do not depend on the student seed: seed 0 reports it).
+# TRUST_FROM_BUNDLE=1 runs seed 0 as the others (bundle restored, no fine-tuned-teacher row).
 # Extra stage flags: TRUST_FLAGS="--config.x=y".
 # The study: TRUST_STUDY unset is the first one (configs/trust.py, multiemo: docs/results.md,
 # docs/results/summary.json, docs/results/teacher/); TRUST_STUDY=vader or evals runs
@@ -53,7 +54,7 @@ for s in "${@:-0}"; do
     continue
   fi
   wd="$wd_root/seed$s"
-  if [ "$s" = 0 ]; then
+  if [ "$s" = 0 ] && [ -z "${TRUST_FROM_BUNDLE:-}" ]; then
     # shellcheck disable=SC2086
     python -m first_jax.pipeline --config "$config:seed=0" ${TRUST_FLAGS:-}
   else

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from first_jax.runtime.errors import UserError
+from first_jax.core import sampled
 from first_jax.core.topk import acc_dtype, log1mexp, TAIL_FLOOR
 
 TAILS = ("bucket", "renormalize")
@@ -198,6 +199,41 @@ def topk_kd(student_logits_BxLxV: jax.Array, teacher_ids_BxLxK: jax.Array,
   p_BxLxK1 = jnp.concatenate([t_lp_BxLxK, t_tail_BxL[..., None]], axis=-1)
   q_BxLxK1 = jnp.concatenate([s_lp_BxLxK, q_tail_BxL[..., None]], axis=-1)
   return _masked_sums(_divergence(p_BxLxK1, q_BxLxK1, direction, beta), mask_BxL)
+
+
+def sampled_kd(student_logits_BxLxV: jax.Array, teacher_ids_BxLxU: jax.Array,
+               teacher_logprobs_BxLxU: jax.Array, teacher_log_threshold_BxL: jax.Array,
+               mask_BxL: jax.Array, *, vocab_chunk: int | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+  """Forward KL(teacher || student) estimated from a priority sample of the teacher.
+
+  Per position, with the sample's weights w_u = max(p_u, tau) (`sampled.log_weights`; E[w_v]
+  = p_v for every token v, 0 when v is not kept):
+
+      loss = lse(student) + sum_u w_u (log p_u - student_logit_u)
+
+  Its expectation over the draw is KL(p || softmax(student)) exactly, and its gradient with
+  respect to the student's logits, softmax(student) - sum_u w_u e_u, has expectation
+  softmax(student) - p: the full-vocabulary forward-KL gradient (the log-sum-exp term is kept
+  exact rather than weighted by sum_u w_u, which is 1 only on average). Memory as `topk_kd`:
+  an O(B * L * U) gather and the fused (optionally vocab-chunked) log-normaliser.
+
+  Args:
+    teacher_ids_BxLxU, teacher_logprobs_BxLxU: the kept tokens and their exact log-probs at the
+      sampling temperature (TAIL_FLOOR: an empty slot, weight 0).
+    teacher_log_threshold_BxL: log tau of each position's sample.
+  """
+  ids_BxLxU = jax.lax.stop_gradient(teacher_ids_BxLxU).astype(jnp.int32)
+  acc = acc_dtype(student_logits_BxLxV.dtype)
+  t_lp_BxLxU = jax.lax.stop_gradient(teacher_logprobs_BxLxU).astype(acc)
+  log_w_BxLxU = sampled.log_weights(
+      t_lp_BxLxU, jax.lax.stop_gradient(teacher_log_threshold_BxL).astype(acc))
+  w_BxLxU = jnp.where(log_w_BxLxU > 0.5 * TAIL_FLOOR, jnp.exp(log_w_BxLxU), 0.0)
+  s_at_BxLxU = gather_logits(student_logits_BxLxV, ids_BxLxU)
+  lse_BxL = log_normalizer(student_logits_BxLxV, vocab_chunk)
+  # where, not multiply: an empty slot's TAIL_FLOOR log-prob times weight 0 stays 0
+  terms_BxLxU = jnp.where(w_BxLxU > 0, w_BxLxU * (t_lp_BxLxU - s_at_BxLxU), 0.0)
+  return _masked_sums(lse_BxL + jnp.sum(terms_BxLxU, axis=-1), mask_BxL)
 
 
 def full_kd(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array,
