@@ -57,6 +57,7 @@ class Settings:
   text: str = "botchan"  # botchan | embedded | random
   dtype: str = "float32"  # compute dtype of first_jax (params stay float32) and of PyTorch
   k: int = 5
+  samples: int = 10  # U of a sampled store (extract.samples' default)
   mass_k: int = 20  # the mass share is reported for k = 1, 5, 10, mass_k
   lr: float = 1e-5
   weight_decay: float = 0.01
@@ -229,6 +230,13 @@ def topk_program(module, params, k: int, mesh) -> tuple[Callable, str]:
   from first_jax.engine import infer
   return (infer.topk_program(module, params, k, False, mesh),
           "infer.topk_program(module, params, k, answer_only=False, mesh)")
+
+
+def sample_program(module, params, num: int, mesh) -> tuple[Callable, str]:
+  """first_jax's sampled-extraction program at all positions (T = 1, seed 0) and its call."""
+  from first_jax.engine import infer
+  return (infer.sample_program(module, params, num, 1.0, 0, False, mesh),
+          "infer.sample_program(module, params, num, t=1.0, seed=0, answer_only=False, mesh)")
 
 
 def compile_train_step(module, params, spec, tx, mesh) -> tuple[Any, Callable, str]:

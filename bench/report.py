@@ -103,12 +103,57 @@ def load_run(path: str) -> dict:
                     "scored_tokens": manifest.get("scored_tokens"),
                     "logprob_dtype": manifest["logprob_dtype"],
                     "records": sum(s["num_records"] for s in manifest["shards"])},
-          "timings": timings}
+          "stores": _sampled_stores(path), "timings": timings}
 
 
-def collect(runs: list[str], out: str, name: str) -> list[str]:
+def _sampled_stores(path: str) -> dict:
+  """The run's sampled stores (sample stage), by folder name: sampling block, k, bytes."""
+  out = {}
+  for m_path in sorted(glob.glob(os.path.join(path, "sampled", "*", "manifest.json"))):
+    folder = os.path.dirname(m_path)
+    m = _read_json(m_path)
+    out[os.path.basename(folder)] = {
+        "sampling": m.get("sampling"), "k": m["k"], "record_bytes": m["record_bytes"],
+        "bytes": sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
+                     if n.endswith(".bin"))}
+  return out
+
+
+def add_rows(old: dict, new: dict) -> dict:
+  """`old` seed record with the models of `new` it lacks: the same seed re-evaluated with more
+  students (e.g. the sampled rows of issue 26 beside committed ones). Both must be the same
+  evaluation (sets, scoring, the teacher's calibration), and a model in both must have the same
+  per-example events (checked on every shared model: the pre-trained teacher, whose scores are
+  restored from the teacher bundle, at least). Stops with one line otherwise."""
+  def same(key, a, b):
+    if a != b:
+      raise SystemExit(f"--add-rows {new['tag']}: {key} differs from the committed record "
+                       f"(not the same evaluation)")
+  for key in ("in_domain", "ood", "scoring", "tag"):
+    same(key, old.get(key), new.get(key))
+  same("calibration temperatures", old["calibration"].get("searches"),
+       new["calibration"].get("searches"))
+  shared = set(old["events"]) & set(new["events"])
+  if not shared:
+    raise SystemExit(f"--add-rows {new['tag']}: no model in common to check the examples "
+                     f"against (evaluate teacher_pretrained in both)")
+  for model in sorted(shared):
+    same(f"events of {model}", old["events"][model], new["events"][model])
+  out = json.loads(json.dumps(old))
+  added = sorted(set(new["events"]) - shared)
+  for model in added:
+    out["events"][model] = new["events"][model]
+    out["results"][model] = new["results"][model]
+  out.setdefault("added_rows", []).append(
+      {"run": new["run"], "models": added, "timings": new.get("timings", {}),
+       "stores": new.get("stores", {})})
+  return out
+
+
+def collect(runs: list[str], out: str, name: str, add: bool = False) -> list[str]:
   """Step 1: one seed record per workdir; the figures of the first seed (the first record by
-  file name), copied when that seed is among `runs`. Returns the paths written."""
+  file name), copied when that seed is among `runs`. With `add`, each workdir's new models are
+  added to its committed record (`add_rows`) instead. Returns the paths written."""
   written, tag_of = [], {}
   tags = [os.path.basename(os.path.normpath(p)) for p in runs]
   if len(set(tags)) != len(tags):
@@ -116,6 +161,13 @@ def collect(runs: list[str], out: str, name: str) -> list[str]:
   for path in runs:
     rec = load_run(path)
     dst = os.path.join(out, "results", f"{name}_{rec['tag']}.json")
+    if add:
+      if not os.path.exists(dst):
+        raise SystemExit(f"--add-rows: no committed record {dst} to add {path}'s models to")
+      atomic_write(dst, json.dumps(add_rows(_read_json(dst), rec), separators=(",", ":"),
+                                   sort_keys=True))
+      written.append(dst)
+      continue
     atomic_write(dst, json.dumps(rec, separators=(",", ":"), sort_keys=True))
     written.append(dst)
     tag_of[rec["tag"]] = path
@@ -739,6 +791,9 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--runs", nargs="+", help="run workdirs, one per seed (collect step)")
   ap.add_argument("--aggregate-only", action="store_true",
                   help="skip collecting: rebuild the report from <out>/results/NAME_*.json")
+  ap.add_argument("--add-rows", action="store_true",
+                  help="collect: add each run's models to its committed seed record (the same "
+                       "seed evaluated again with more students) instead of replacing it")
   ap.add_argument("--name", required=True, help="report name: <out>/NAME.md, seed files NAME_<tag>")
   ap.add_argument("--title", default=None, help="report title (default: NAME)")
   ap.add_argument("--out", required=True, help="the docs folder the report and seed records go to")
@@ -756,7 +811,7 @@ def main(argv: list[str] | None = None) -> dict:
   if args.bootstrap < 1:
     ap.error("--bootstrap: expected >= 1")
   if not args.aggregate_only:
-    for p in collect(args.runs, args.out, args.name):
+    for p in collect(args.runs, args.out, args.name, add=args.add_rows):
       print(f"wrote {p}")
   summary = build(args.out, args.name, args.title or args.name, args.bootstrap, args.summary,
                   args.reading, args.config_name)

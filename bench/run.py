@@ -108,6 +108,10 @@ def run(s: Settings, only: tuple[str, ...] = SECTIONS,
   sec = result["sections"]
   result["store_bytes_per_token"] = (sec["store"]["headline"]["bytes_per_scored_token"]
                                      if "store" in sec else None)
+  result["store_bytes_per_position_sampled"] = (
+      sec["store"]["headline"]["sampled_bytes_per_scored_token"] if "store" in sec else None)
+  result["extraction_sampled_vs_topk_time"] = sec.get("extraction", {}).get(
+      "sampled_vs_topk_time")
   result["extraction_speedup_vs_torch"] = sec.get("extraction", {}).get("speedup_vs_torch")
   result["postforward_speedup_vs_reference"] = sec.get("postforward", {}).get(
       "speedup_vs_reference")

@@ -23,7 +23,7 @@ from first_jax import config as config_lib
 from first_jax.engine import workspace
 from first_jax.engine.job import Job
 
-STAGES = ("finetune", "extract", "calibrate", "train", "evaluate", "pipeline")
+STAGES = ("finetune", "extract", "calibrate", "sample", "train", "evaluate", "pipeline")
 _HELP = ("-h", "--help")
 _WIDTH = 100
 

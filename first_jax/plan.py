@@ -140,6 +140,7 @@ def _train_program(name, cfg, mesh, module, params, optim, spec, batch, teacher=
 
 def plan(cfg) -> list[Program]:
   import jax
+  import jax.numpy as jnp
   from first_jax.engine import infer
   from first_jax.engine.job import Job
   from first_jax.core import step
@@ -158,6 +159,14 @@ def plan(cfg) -> list[Program]:
   ex = Program("extract (teacher forward + top-k)", params=_per_device(t_params),
                batch=_per_device(eb))
   out.append(_compile(ex, infer.topk_program(t_mod, t_params, k, ao, mesh), t_params, eb))
+  if any("sampled" in name.partition("@")[0].split("-") for name in cfg.students):
+    sb = {**eb, "example_id": jax.ShapeDtypeStruct(eb["input_ids"].shape[:1], jnp.int32,
+                                                   sharding=eb["input_ids"].sharding)}
+    sp = Program("sample (teacher forward + priority sample)", params=_per_device(t_params),
+                 batch=_per_device(sb))
+    out.append(_compile(sp, infer.sample_program(t_mod, t_params, cfg.extract.samples, 1.0,
+                                                 cfg.extract.sample_seed, ao, mesh),
+                        t_params, sb))
   d = cfg.distill
   kd = dict(kind="topk_kd", k=k, tail=d.tail, direction=d.direction,
             temperature_mode=d.temperature_mode, num_bins=cfg.calibrate.num_bins,

@@ -120,6 +120,15 @@ def test_bad_config_files_name_the_file(capsys, tmp_path, name):
     (["--config", SMOKE, "--not-a-flag"], "--not-a-flag"),
     (["--config", SMOKE, "--config.students=sft,bogus"], "bogus"),
     (["--config", SMOKE, "--config.students=sft@0"], "sft@0"),
+    # sampled targets: a full-vocabulary temperature is log_space's, fixed before the draw, and
+    # the estimate is of the forward KL
+    (["--config", SMOKE, "--config.students=sft,first-sampled"], "distill.temperature_mode"),
+    (["--config", SMOKE, "--config.students=kd-sampled-renormalize"], "kd-sampled-renormalize"),
+    (["--config", SMOKE, "--config.students=kd-sampled", "--config.distill.direction=reverse"],
+     "distill.direction=forward"),
+    (["--config", SMOKE, "--config.students=first-sampled-log_space",
+      "--config.distill.mode=online", "--config.distill.temperature=search"],
+     "distill.temperature"),
 ])
 def test_bad_command_lines(capsys, tmp_path, monkeypatch, args, needle):
   monkeypatch.chdir(tmp_path)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE_KEYS = ("store_bytes_per_token", "extraction_speedup_vs_torch",
                  "postforward_speedup_vs_reference", "step_speedup_vs_torch", "step_mfu",
-                 "step_kd_mfu", "search_speedup_vs_numpy", "loss_memory_ratio_vs_naive")
+                 "step_kd_mfu", "search_speedup_vs_numpy", "loss_memory_ratio_vs_naive",
+                 "store_bytes_per_position_sampled", "extraction_sampled_vs_topk_time")
 # the search and loss_memory sections at tiny shapes
 TINY = ["--search-events", "2000", "--search-temps", "40", "--loss-positions", "32",
         "--loss-vocab", "3000", "--loss-vocab-chunk", "1024"]
@@ -74,6 +75,13 @@ def test_store_arithmetic_matches_hand_computation(bench_module):
   assert out["151936"]["layouts"]["text_responses"]["bytes_per_scored_token"] == 6032 / 256
   assert out["49152"]["layouts"]["text_responses"]["bytes_per_scored_token"] == 5712 / 256
   assert out["49152"]["layouts"]["multiple_choice"]["bytes_per_example"] == 50
+  # a sampled store (U = 10 slots) beside each: within twice the top-5 store's bytes (issue 26)
+  out = store.store_arithmetic(k=5, samples=10)
+  for v in (49_152, 151_936):
+    for name, (length, positions) in store.STORE_LAYOUTS.items():
+      got = out[str(v)]["layouts"][name]
+      assert got["sampled"]["bytes_per_example"] == _hand_record_bytes(10, v, length, positions)
+      assert 1 < got["sampled"]["vs_topk"] <= 2, (v, name)
 
 
 def test_reference_jsonl_format():
@@ -109,6 +117,7 @@ def test_bench_runs_end_to_end(bench_run, tiny_hf_dir, tmp_path):
     assert isinstance(r[key], float) and np.isfinite(r[key]), key
   assert "not_in_this_harness" not in r
   assert r["store_bytes_per_token"] == 6032 / 256
+  assert r["store_bytes_per_position_sampled"] == 11472 / 256  # 10 slots: 18-bit ids + 2 B each
   assert set(r["sections"]) == {"store", "extraction", "postforward", "step", "search",
                                 "loss_memory", "matmul_peak"}
   meta = r["meta"]

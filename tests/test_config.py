@@ -78,6 +78,8 @@ BAD_VALUES = [  # (overrides, what the one error line says); also run through th
     (["--config.log_every_steps=0"], "config.log_every_steps: expected"),
     (["--config.extract.shard_size=0"], "config.extract.shard_size: expected"),
     (["--config.extract.logprob_dtype=int8"], "config.extract.logprob_dtype: expected"),
+    (["--config.extract.samples=0"], "config.extract.samples: expected an integer >= 1"),
+    (["--config.extract.sample_seed=-1"], "config.extract.sample_seed: expected"),
     (["--config.evaluate.num_bins=()"], "config.evaluate.num_bins: expected a non-empty"),
     (["--config.evaluate.batch_size=0"], "config.evaluate.batch_size: expected"),
     (["--config.seed=-1"], "config.seed: expected"),

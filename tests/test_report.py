@@ -278,7 +278,8 @@ def test_collect_from_workdir(report, tmp_path):
   assert ", " not in text[:200] and ": " not in text[:200]  # compact separators
   got = json.loads(text)
   assert set(got) == {"run", "tag", "results", "ood", "scoring", "in_domain", "events",
-                      "calibration", "store", "timings"}
+                      "calibration", "store", "stores", "timings"}
+  assert got["stores"] == {}  # no sampled store in this run
   assert got["tag"] == "seed3" and got["events"] == rec["events"]
   assert got["store"] == {"bytes": 1000, "k": 5, "seq_len": 10, "logprob_dtype": "float16",
                           "records": 7, "positions": 10, "scored_tokens": None}
@@ -294,3 +295,30 @@ def test_figures_come_from_the_first_seed_whatever_the_order_of_collection(repor
     report.main(["--runs", str(wd), "--name", "t", "--out", out, "--bootstrap", "20"])
     first = "seed1" if tag in ("seed1", "seed4") else "seed3"
     assert (fig / "t_reliability_in_domain.png").read_bytes() == first.encode(), tag
+
+
+def test_add_rows_extends_a_committed_record_of_the_same_evaluation(report, tmp_path):
+  """--add-rows: a seed re-evaluated with more students adds its new models to the committed
+  record; the models both have must agree example by example, or nothing is written."""
+  out = str(tmp_path / "docs")
+  write_seeds(out, "t", [make_record("seed3", 80, drop=("kd", "first+ts"))])
+  rec, wd = fake_workdir(tmp_path, "seed3")
+  (wd / "sampled" / "t1").mkdir(parents=True)
+  (wd / "sampled" / "t1" / "manifest.json").write_text(json.dumps(
+      {"sampling": {"sampler": "priority", "temperature": 1.0}, "k": 10, "record_bytes": 70}))
+  (wd / "sampled" / "t1" / "shard.bin").write_bytes(b"x" * 140)
+  report.main(["--runs", str(wd), "--name", "t", "--out", out, "--bootstrap", "20",
+               "--add-rows"])
+  with open(os.path.join(out, "results", "t_seed3.json")) as f:
+    got = json.load(f)
+  assert got["events"]["kd"] == rec["events"]["kd"] and "first+ts" in got["results"]
+  assert got["added_rows"][0]["models"] == ["first+ts", "kd"]
+  assert got["added_rows"][0]["stores"]["t1"]["bytes"] == 140
+  # another evaluation (other examples): refused with one line, the record left as it was
+  write_seeds(out, "u", [make_record("seed3", 81, drop=("kd",))])
+  before = open(os.path.join(out, "results", "u_seed3.json")).read()
+  with pytest.raises(SystemExit, match="events of first differs"):
+    report.main(["--runs", str(wd), "--name", "u", "--out", out, "--add-rows"])
+  assert open(os.path.join(out, "results", "u_seed3.json")).read() == before
+  with pytest.raises(SystemExit, match="no committed record"):
+    report.main(["--runs", str(wd), "--name", "v", "--out", out, "--add-rows"])

@@ -1,13 +1,24 @@
 """first_jax.core.sampled and losses.sampled_kd: priority-sampled teacher targets are an
 unbiased estimate of the full-vocabulary forward KL and its gradient (float64, many seeded
 draws), where top-k targets are not."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from first_jax.core import losses, sampled, topk
+from first_jax import models
+from first_jax.core import losses, sampled, step, topk
 from first_jax.core.topk import TAIL_FLOOR
+from first_jax.data import store
+from first_jax.engine import infer
+from first_jax.runtime import sharding
+from first_jax.runtime.errors import UserError
+from tests.conftest import SMOKE
+from tests.test_step import B as SB, L as SL, make_batch, tiny
 
 V, U, DRAWS = 48, 6, 6000
 
@@ -146,3 +157,132 @@ def test_sampled_kd_bf16_logits_and_empty_slots():
   np.testing.assert_allclose(float(total2), float(total), rtol=1e-6)
   ref, _ = losses.sampled_kd(s.astype(jnp.float32), ids, lp, log_tau, mask)
   np.testing.assert_allclose(float(total), float(ref), rtol=1e-5)
+
+
+# ---- extraction, the online step and the store ------------------------------------------------
+
+@pytest.mark.slow
+def test_a_position_draws_the_same_whatever_its_batch_and_mode():
+  """Sampled extraction keys each position by (seed, example, position): a row alone, or only
+  its answer position (answer-only), draws what it drew in the full batch."""
+  teacher, batch = tiny(12, layers=2), make_batch(13)
+  batch["example_id"] = np.array([40, 41, 42, 43], np.int32)
+  apply = models.apply_fn(teacher.module)
+  full = infer.teacher_sample(teacher.params, batch, apply=apply, num=U, t=1.7, seed=5)
+  assert full["teacher_ids"].shape == (SB, SL, U)
+  alone = infer.teacher_sample(teacher.params, {k: v[2:3] for k, v in batch.items()},
+                               apply=apply, num=U, t=1.7, seed=5)
+  np.testing.assert_array_equal(np.asarray(alone["teacher_ids"])[0],
+                                np.asarray(full["teacher_ids"])[2])
+  sparse = infer.teacher_sample(teacher.params, batch, apply=apply, num=U, t=1.7, seed=5,
+                                answer_only=True)
+  rows, pos = np.arange(SB), batch["answer_pos"]
+  np.testing.assert_array_equal(np.asarray(sparse["teacher_ids"])[rows, pos],
+                                np.asarray(full["teacher_ids"])[rows, pos])
+  np.testing.assert_allclose(np.asarray(sparse["teacher_logprobs"])[rows, pos],
+                             np.asarray(full["teacher_logprobs"])[rows, pos], atol=2e-5)
+  other = infer.teacher_sample(teacher.params, batch, apply=apply, num=U, t=1.7, seed=6)
+  assert not np.array_equal(np.asarray(other["teacher_ids"]), np.asarray(full["teacher_ids"]))
+
+
+def test_vocab_parallel_draws_equal_one_device():
+  """Logits split over the vocabulary on 8 devices: the same draw, ids bit-identical."""
+  mesh = sharding.make_mesh(1, 1, 8)
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 64)) * 3, jnp.float32)
+  keys = sampled.position_keys(1, jnp.array([3, 9]), jnp.arange(3)[None].repeat(2, 0))
+  fn = jax.jit(lambda x, k: sampled.priority_sample(x, U, 1.3, k))
+  one = fn(logits, keys)
+  split = fn(jax.device_put(logits, NamedSharding(mesh, P(None, None, "tensor"))), keys)
+  np.testing.assert_array_equal(np.asarray(split[1]), np.asarray(one[1]))
+  for a, b in ((split[0], one[0]), (split[2], one[2])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_online_sampled_step_equals_offline_targets_of_the_same_draw():
+  """The online step draws per (seed, step, row, position); the same draw given as offline
+  targets gives the same loss; the step trains (finite, decreasing loss on a fixed batch)."""
+  student, teacher, batch = tiny(3), tiny(4, layers=2), make_batch(5)
+  apply_s, apply_t = models.apply_fn(student.module), models.apply_fn(teacher.module)
+  tx = step.make_optimizer(lr=3e-3, total_steps=20, warmup_ratio=0.0, weight_decay=0.0,
+                           clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  state = step.init_state(student.params, tx, initial_temperature=1.5)
+  spec = step.LossSpec(kind="sampled_kd", online=True, samples=U, sample_seed=2,
+                       temperature_mode="log_space", answer_only=True)
+  loss_on, _ = step.loss_fn(student.params, state, batch, teacher.params, student_apply=apply_s,
+                            teacher_apply=apply_t, spec=spec)
+  keys = sampled.position_keys(jax.random.fold_in(jax.random.key(2), 0), jnp.arange(SB),
+                               step.sample_positions(batch, spec))
+  t_logits = step.student_logits(teacher.params, batch, apply_t, spec)
+  targets = step.teacher_sampled(t_logits, U, jnp.float32(1.5), keys)
+  offline = {**batch, **infer.at_answer_positions(targets, batch)}
+  loss_off, _ = step.loss_fn(student.params, state, offline, None, student_apply=apply_s,
+                             teacher_apply=None,
+                             spec=step.LossSpec(kind="sampled_kd", samples=U, answer_only=True))
+  np.testing.assert_allclose(float(loss_on), float(loss_off), rtol=1e-6)
+  fn = jax.jit(functools.partial(step.train_step, student_apply=apply_s, teacher_apply=apply_t,
+                                 spec=spec, tx=tx))
+  history = []
+  for _ in range(20):
+    state, m = fn(state, batch, teacher.params)
+    history.append(float(m["loss"][0] / m["loss"][1]))
+  assert np.isfinite(history).all() and np.mean(history[-5:]) < np.mean(history[:5]), history
+
+
+def test_a_sampled_store_round_trips_and_refuses_another_draw(tmp_path):
+  rng = np.random.default_rng(6)
+  n, l, vocab = 5, 7, 300
+  logits = jnp.asarray(rng.normal(size=(n, l, vocab)) * 2, jnp.float32)
+  keys = sampled.position_keys(0, jnp.arange(n), jnp.arange(l)[None].repeat(n, 0))
+  lp, ids, log_tau = (np.asarray(x) for x in sampled.priority_sample(logits, U, 2.0, keys))
+  mask = rng.random((n, l)) < 0.6
+  draw = {"sampler": "priority", "temperature": 2.0, "mode": "log_space", "seed": 0}
+  spec = store.StoreSpec(k=U, vocab_size=vocab, seq_len=l, sampling=draw)
+  w = store.StoreWriter(tmp_path, spec)
+  w.write_shard(0, np.arange(n), rng.integers(0, vocab, (n, l)), ids, lp, log_tau, mask)
+  w.finalize()
+  r = store.StoreReader(tmp_path)
+  assert r.spec.sampling == draw and r.manifest["sampling"] == draw
+  rec = r.read(np.arange(n))
+  np.testing.assert_array_equal(rec["ids_NxLxK"][mask], ids[mask])
+  f16 = lambda x: np.asarray(x, np.float16).astype(np.float32)
+  np.testing.assert_array_equal(rec["logprobs_NxLxK"][mask], f16(lp[mask]))
+  np.testing.assert_array_equal(rec["tail_logmass_NxL"][mask], f16(log_tau[mask]))
+  for other in ({**draw, "temperature": 1.0}, {}):
+    with pytest.raises(UserError, match="sampling differs"):
+      store.StoreWriter(tmp_path, dataclasses.replace(spec, sampling=other))
+
+
+
+@pytest.mark.slow
+def test_sampled_students_in_the_pipeline(smoke_workdir, tmp_path, caplog):
+  """kd-sampled and first-sampled on the smoke run: the sample stage draws one store per
+  temperature (1, and calibrate's log_space-bucket t), the students train on them, and a
+  re-run finds everything done."""
+  import json
+  import logging
+  import os
+  import shutil
+  from first_jax import cli
+  from first_jax.stages import pipeline
+  wd = str(tmp_path / "wd")
+  shutil.copytree(smoke_workdir, wd)
+  args = ["--config", SMOKE, f"--config.workdir={wd}",
+          "--config.students=sft,kd-sampled,first-sampled-log_space"]
+  assert cli.stage_main(pipeline.run, args) == 0
+  calib = json.load(open(os.path.join(wd, "store", "manifest.json")))["calibration"]
+  t = calib["searches"]["log_space-bucket"]["best_t"]
+  for temp in (1.0, t):
+    m = store.StoreReader(os.path.join(wd, "sampled", f"t{temp:.6g}")).manifest
+    assert m["complete"] and m["k"] == 10 and m["sampling"]["temperature"] == temp
+  for name in ("kd-sampled", "first-sampled-log_space"):
+    assert os.path.exists(os.path.join(wd, "students", name, "export", "config.json"))
+  results = json.load(open(os.path.join(wd, "eval", "results.json")))
+  assert "first-sampled-log_space" in json.dumps(results)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert cli.stage_main(pipeline.run, args) == 0
+  done = [r.getMessage() for r in caplog.records if "done already" in r.getMessage()]
+  assert any(m.startswith("sample: done already") for m in done), done
+  assert any(m.startswith("train: done already") for m in done), done

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Context, forward_flops, interleaved, log, ratio, Settings, topk_program
+from bench.common import (Context, forward_flops, interleaved, log, ratio, sample_program,
+                          Settings, topk_program)
 
 
 def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
@@ -22,6 +23,7 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
   frozen = ctx.model.for_inference()  # as extract.run: kernels cast to the compute dtype once
   params = frozen.params
   fn, how = topk_program(frozen.module, params, k, ctx.mesh)
+  fn_s, how_s = sample_program(frozen.module, params, s.samples, ctx.mesh)
   batch_sh = sharding.batch_sharding(ctx.mesh)
   tmodel = ctx.torch_model
   ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
@@ -30,11 +32,17 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
     dev = jax.device_put({"input_ids": ids, "attention_mask": mask}, batch_sh)
     return jax.device_get(fn(params, dev))
 
+  def first_jax_sampled():  # the sample stage's program: forward + priority sample of U tokens
+    dev = jax.device_put({"input_ids": ids, "attention_mask": mask,
+                          "example_id": np.arange(b, dtype=np.int32)}, batch_sh)
+    return jax.device_get(fn_s(params, dev))
+
   def torch_fn():
     return baselines_torch.extract(tmodel, ids_t, mask_t, k, s.dtype)
 
   log(f"extraction: [{b}, {l}], warmup {s.warmup}, reps {s.reps}")
-  t = interleaved({"first_jax": first_jax, "torch": torch_fn}, s.warmup, s.reps)
+  t = interleaved({"first_jax": first_jax, "first_jax_sampled": first_jax_sampled,
+                   "torch": torch_fn}, s.warmup, s.reps)
   a, r = first_jax(), torch_fn()
   same = a["teacher_ids"] == r["ids"]
   agree = {"top1_same_id": float(same[..., 0].mean()), "topk_same_ids": float(same.mean()),
@@ -47,12 +55,17 @@ def section_extraction(ctx: Context, s: Settings) -> dict[str, Any]:
                     "topk": [b, l, k]},
          "what": {"first_jax": f"{how}: forward + topk.extract in one jitted program; "
                                "device_put in, device_get out",
+                  "first_jax_sampled": f"{how_s}: forward + sampled.priority_sample of "
+                                       f"{s.samples} tokens (full-vocabulary log-sum-exp, "
+                                       "Exp(1) noise over [B, L, V], top-(U+1)) in one program",
                   "torch": "transformers AutoModelForCausalLM (first_jax's HF export), "
                            "torch.no_grad(), logits -> log_softmax -> batched torch.topk -> tail"},
          "torch_attn_implementation": baselines_torch.attn_implementation(tmodel),
          "timings": t,
          "tokens_per_s": {n: tokens / v["median_s"] for n, v in t.items()},
          "speedup_vs_torch": ratio(t["torch"]["median_s"], t["first_jax"]["median_s"]),
+         "sampled_vs_topk_time": ratio(t["first_jax_sampled"]["median_s"],
+                                       t["first_jax"]["median_s"]),
          "forward_flops": flops, "agreement": agree}
   peak = ctx.peak()["peak_flops_per_s"]
   out["mfu"] = {n: flops["total"] / v["median_s"] / peak for n, v in t.items()}

@@ -19,8 +19,10 @@ STORE_LAYOUTS = {
 HEADLINE_STORE = (151_936, "text_responses")
 
 
-def store_arithmetic(k: int = 5, vocabs=STORE_VOCABS, layouts=None) -> dict[str, Any]:
-  """Store sizes from first_jax.data.store's own StoreSpec (no data needed)."""
+def store_arithmetic(k: int = 5, vocabs=STORE_VOCABS, layouts=None,
+                     samples: int | None = None) -> dict[str, Any]:
+  """Store sizes from first_jax.data.store's own StoreSpec (no data needed); with `samples`,
+  also a sampled store's (U = samples slots per position, first_jax.core.sampled) beside it."""
   from first_jax.data import store
   layouts = layouts or STORE_LAYOUTS
   out = {}
@@ -32,6 +34,14 @@ def store_arithmetic(k: int = 5, vocabs=STORE_VOCABS, layouts=None) -> dict[str,
                    "layout": {f: list(x) for f, x in spec.layout.items()},
                    "bytes_per_example": store.bytes_per_example(spec),
                    "bytes_per_scored_token": store.bytes_per_scored_token(spec)}
+      if samples:
+        sp = store.StoreSpec(k=samples, vocab_size=v, seq_len=length, positions=positions,
+                             sampling={"sampler": "priority"})
+        per[name]["sampled"] = {
+            "samples": samples, "bytes_per_example": store.bytes_per_example(sp),
+            "bytes_per_scored_token": store.bytes_per_scored_token(sp),
+            "vs_topk": ratio(store.bytes_per_scored_token(sp),
+                             store.bytes_per_scored_token(spec))}
     out[str(v)] = {"layouts": per, "dense_bf16_bytes_per_position": 2 * v}
   return out
 
@@ -73,7 +83,8 @@ def _mass_share(ctx: Context, s: Settings) -> tuple[dict[str, Any], np.ndarray, 
 
 def section_store(ctx: Context, s: Settings) -> dict[str, Any]:
   from bench import baselines_torch
-  out: dict[str, Any] = {"k": s.k, "by_vocab": store_arithmetic(s.k)}
+  out: dict[str, Any] = {"k": s.k, "samples": s.samples,
+                         "by_vocab": store_arithmetic(s.k, samples=s.samples)}
   log("store: top-k mass share on text")
   mass, real_ids, real_lp = _mass_share(ctx, s)
   out["topk_mass_share"] = mass
@@ -104,7 +115,9 @@ def section_store(ctx: Context, s: Settings) -> dict[str, Any]:
     entry["multiple_choice_bytes_per_example"] = {"scored_only": mc, "all_positions": mc_all,
                                                   "ratio": ratio(mc_all, mc)}
   v, layout = HEADLINE_STORE
+  head = out["by_vocab"][str(v)]["layouts"][layout]
   out["headline"] = {"vocab": v, "layout": layout,
-                     **{k: out["by_vocab"][str(v)]["layouts"][layout][k]
-                        for k in ("seq_len", "positions", "bytes_per_scored_token")}}
+                     **{k: head[k] for k in ("seq_len", "positions", "bytes_per_scored_token")},
+                     "sampled_bytes_per_scored_token": head["sampled"]["bytes_per_scored_token"],
+                     "sampled_vs_topk": head["sampled"]["vs_topk"]}
   return out

@@ -63,7 +63,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 # The stages that read config keys, in pipeline order (`pipeline` runs them all, so reads all).
-STAGES = ("finetune", "extract", "calibrate", "train", "evaluate")
+STAGES = ("finetune", "extract", "calibrate", "sample", "train", "evaluate")
 _ALL = STAGES
 
 
@@ -193,7 +193,7 @@ def _block(prefix: str, fields: dict[str, Key], stages: tuple[str, ...],
 
 
 _STUDENT = ("train", "evaluate")
-_TEACHER_RUN = ("finetune", "extract", "train", "evaluate")  # + in the teacher's fingerprint
+_TEACHER_RUN = ("finetune", "extract", "sample", "train", "evaluate")  # + in the teacher's fingerprint
 
 # Every config key, dotted, each described once: `base()` is built from these, in this order.
 SCHEMA: dict[str, Key] = {
@@ -205,7 +205,7 @@ SCHEMA: dict[str, Key] = {
     "resume": Key(True, "true: skip finished stages and continue from the latest checkpoint "
                   "(training runs resume their data position too); false: start over, the "
                   "pipeline moving each stage's folder aside to <dir>.old-<unix time>",
-                  ("finetune", "extract", "calibrate", "train", "evaluate")),
+                  ("finetune", "extract", "calibrate", "sample", "train", "evaluate")),
     "mesh.data": Key(-1, "data-parallel axis of the device mesh; -1: the remaining devices", _ALL,
                      lo=1, also=(-1,), allowed="a positive size or -1 (fill)"),
     "mesh.fsdp": Key(1, "parameter-sharding (FSDP) axis of the device mesh; -1: the remaining "
@@ -379,11 +379,20 @@ SCHEMA: dict[str, Key] = {
     "extract.k": Key(5, "teacher tokens kept per position (top-k); at most the vocabulary size",
                      ("extract", "calibrate", "train"), lo=1),
     "extract.logprob_dtype": Key("float16",
-                                 "dtype the store keeps the top-k log-probs in", ("extract",),
-                                 choices=("float16", "bfloat16")),
-    "extract.batch_size": Key(16, "rows per teacher forward", ("extract", "calibrate"), lo=1),
+                                 "dtype the store keeps the top-k log-probs in",
+                                 ("extract", "sample"), choices=("float16", "bfloat16")),
+    "extract.batch_size": Key(16, "rows per teacher forward",
+                              ("extract", "calibrate", "sample"), lo=1),
     "extract.shard_size": Key(256, "examples per store shard (finished shards are skipped on a "
-                              "re-run)", ("extract",), lo=1),
+                              "re-run)", ("extract", "sample"), lo=1),
+    "extract.samples": Key(10, "tokens a sampled store keeps per position (students kd-sampled "
+                           "and first-sampled: a priority sample of the teacher's full "
+                           "distribution, see docs/math.md); 10 keeps its records within twice "
+                           "the top-5 store's bytes", ("sample", "train"), lo=1),
+    "extract.sample_seed": Key(0, "seed of the sampled stores' draws (each position draws from "
+                               "its example's index, its position and this seed)",
+                               ("sample", "train"), lo=0, hi=2**31, hi_open=True,
+                               allowed="an integer in [0, 2**31)"),
     # the temperature search
     "calibrate.mode": Key("prob_softmax",
                           "which search's temperature the store records as its headline "
@@ -461,7 +470,7 @@ BLOCKS: dict[str, str] = {
                 "accumulation).",
     "distill": "Training the students: the optimizer (as in `finetune`) and the distillation "
                "loss.",
-    "extract": "The teacher's top-k store.",
+    "extract": "The teacher's top-k store, and the sampled stores of the sample stage.",
     "calibrate": "The ECE-minimising temperature search on the validation split.",
     "evaluate": "Metrics of every model, in-domain and out-of-domain.",
     "checkpoint": "Orbax checkpoints of the training runs.",

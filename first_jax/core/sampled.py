@@ -76,10 +76,11 @@ def log_weights(logprobs_xU: jax.Array, log_threshold_x: jax.Array) -> jax.Array
   return jnp.where(valid_xU, w_xU, TAIL_FLOOR)
 
 
-def position_keys(seed: int, rows_B: jax.Array, positions_BxP: jax.Array) -> jax.Array:
+def position_keys(seed: int | jax.Array, rows_B: jax.Array,
+                  positions_BxP: jax.Array) -> jax.Array:
   """[B, P] keys: row r's position j draws from fold_in(fold_in(key(seed), rows_B[r]), j), so
-  a token's draw depends on its example and position only."""
-  base = jax.random.key(seed)
+  a token's draw depends on its example and position only (`seed`: an int or a typed key)."""
+  base = jax.random.key(seed) if isinstance(seed, int) else seed
   fold = jax.vmap(jax.random.fold_in)
   row_keys_B = fold(jnp.broadcast_to(base, rows_B.shape), rows_B.astype(jnp.uint32))
   return jax.vmap(fold, in_axes=(None, 0))(row_keys_B, positions_BxP.T.astype(jnp.uint32)).T

@@ -8,12 +8,17 @@ One step function serves every training stage; `LossSpec` (static, hashable) pic
            made here from the teacher's logits (online: teacher forward under stop_gradient,
            top-k, optional in-step ECE temperature search, rescale, KL: one XLA program)
   full_kd  full-vocabulary KL to an online teacher at temperature T        [reference baseline]
+  sampled_kd  KL estimated from a priority sample of the teacher's full distribution at T
+           (`first_jax.core.sampled`): unbiased where top-k is not; targets from a sampled
+           store (offline) or drawn here from the teacher's logits (online, a fresh draw
+           each step)
 Metrics are (sum, count) pairs so that averages over steps and hosts are token-weighted.
 
 Batch keys (first_jax.data.batches), with their shapes: input_ids [B, L], attention_mask [B, L],
 targets [B, L], loss_mask [B, L]; response-only multiple choice also answer_pos [B] and
 choice_ids [B, C]; offline KD teacher_ids [B, L, K], teacher_logprobs [B, L, K] and
-teacher_tail [B, L] (from the store).
+teacher_tail [B, L] (from the store; a sampled store's teacher_tail is log tau, the
+sample's threshold).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from first_jax.core import losses, temperature, topk
+from first_jax.core import losses, sampled, temperature, topk
 
 Apply = Callable[..., jax.Array]  # (params, input_ids_BxL, attention_mask_BxL) -> logits_BxLxV
 
@@ -42,7 +47,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
   """Static loss hyper-parameters (part of the compiled program)."""
-  kind: str = "ce"  # ce | topk_kd | full_kd
+  kind: str = "ce"  # ce | topk_kd | full_kd | sampled_kd
   label_smoothing: float = 0.0
   smooth_over: str = "vocab"  # vocab | choices (the answer letters of multiple choice)
   k: int = 5
@@ -59,6 +64,8 @@ class LossSpec:
   # MCQA with a response-only loss: every row's loss sits at its answer position, so the output
   # head (V-wide) runs there only, not at all L positions. Same loss, ~L x cheaper head.
   answer_only: bool = False
+  samples: int = 0  # sampled_kd: tokens kept per position (U)
+  sample_seed: int = 0  # sampled_kd online: the draws' seed (with the step and the row)
 
 
 def float32_moments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -129,6 +136,27 @@ def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int, mesh=None) -> dict[str
   else:
     logprobs_BxLxK, ids_BxLxK, tail_BxL = topk.extract(teacher_logits_BxLxV, k)
   return {"teacher_logprobs": logprobs_BxLxK, "teacher_ids": ids_BxLxK, "teacher_tail": tail_BxL}
+
+
+def teacher_sampled(teacher_logits_BxLxV: jax.Array, num: int, t: jax.Array,
+                    keys_BxL: jax.Array) -> dict[str, jax.Array]:
+  """A priority sample of U = `num` tokens of softmax(teacher / t) per position, as targets
+  (`sampled.priority_sample`; "teacher_tail" holds log tau). Under a mesh whose "tensor" axis
+  splits the vocabulary the partitioner keeps the noise, log-sum-exp and top-k per shard; the
+  noise is partitionable threefry, so the draw does not depend on the mesh."""
+  logprobs_BxLxU, ids_BxLxU, log_tau_BxL = sampled.priority_sample(teacher_logits_BxLxV, num, t,
+                                                                   keys_BxL)
+  return {"teacher_logprobs": logprobs_BxLxU, "teacher_ids": ids_BxLxU,
+          "teacher_tail": log_tau_BxL}
+
+
+def sample_positions(batch: dict[str, jax.Array], spec: LossSpec) -> jax.Array:
+  """[B, P] the positions the teacher's logits stand for: the answer position (answer-only)
+  or every position."""
+  if spec.answer_only:
+    return batch["answer_pos"][:, None]
+  b, l = batch["input_ids"].shape
+  return jnp.broadcast_to(jnp.arange(l), (b, l))
 
 
 def add_events(buf: dict[str, jax.Array], targets: dict[str, jax.Array],
@@ -230,6 +258,17 @@ def loss_fn(student_params: Any, state: TrainState, batch: dict[str, jax.Array],
     if spec.kind == "full_kd":
       loss_sum, count = losses.full_kd(logits_BxLxV, teacher_logits, mask_BxL,
                                        temperature=t, scale_by_t2=True)
+    elif spec.kind == "sampled_kd":
+      targets = batch
+      if spec.online:  # a fresh draw each step, per (step, row, position)
+        key = jax.random.fold_in(jax.random.key(spec.sample_seed), state.step)
+        rows_B = jnp.arange(full_batch["input_ids"].shape[0])
+        targets = teacher_sampled(teacher_logits, spec.samples, t,
+                                  sampled.position_keys(key, rows_B,
+                                                        sample_positions(full_batch, spec)))
+      loss_sum, count = losses.sampled_kd(logits_BxLxV, targets["teacher_ids"],
+                                          targets["teacher_logprobs"], targets["teacher_tail"],
+                                          mask_BxL)
     else:
       targets = teacher_topk(teacher_logits, spec.k, mesh) if spec.online else batch
       if spec.search:

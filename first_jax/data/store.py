@@ -14,6 +14,9 @@ row (0: P = L). One record per example row (little-endian, fields back to back):
   top_ids       [P*K] packed in id_bits = ceil(log2(vocab_size)) bits each, least significant first
   logprobs      [P, K] float16 | bfloat16 (`logprob_dtype`)
   tail_logmass  [P] same dtype: log of the probability outside the top-k
+A sampled store (manifest key `sampling`, first_jax.core.sampled) has the same records: its K
+slots hold a priority sample's ids and their exact log-probabilities at the sampling
+temperature, and tail_logmass holds log tau, the sample's threshold.
 Slot j of top_ids / logprobs / tail_logmass holds the row's j-th scored position (the mask's set
 bits in increasing order); slots past the row's count are zero bytes. Records have a fixed size,
 so row r of a shard sits at byte r * record_bytes (np.memmap). read() puts the values back at
@@ -52,7 +55,7 @@ MANIFEST = "manifest.json"
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Fields a re-run must agree on; anything else (calibration, complete) may change.
 _SPEC_FIELDS = ("format_version", "k", "vocab_size", "seq_len", "positions", "logprob_dtype",
-                "teacher", "tokenizer_hash", "data_fingerprint", "num_hosts")
+                "teacher", "tokenizer_hash", "data_fingerprint", "num_hosts", "sampling")
 _STRUCTURAL = frozenset(_SPEC_FIELDS + ("format", "id_bits", "record_bytes", "layout",
                                         "shards"))
 _CHUNK_BYTES = 64 << 20  # bound on the gather / bit-expansion buffers while packing a shard
@@ -73,6 +76,11 @@ class StoreSpec:
   teacher: dict = dataclasses.field(default_factory=dict)  # e.g. model path, step, weights hash
   tokenizer_hash: str = ""
   data_fingerprint: str = ""
+  # {} : top-k records. A sampled store (first_jax.core.sampled) says how it drew, e.g.
+  # {"sampler": "priority", "temperature": 2.78, "mode": "log_space", "seed": 0}: its K slots
+  # hold a priority sample's ids and exact log-probs at that temperature, and tail_logmass
+  # holds log tau, the sample's threshold.
+  sampling: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if not 2 <= self.vocab_size <= 2**31:
@@ -87,10 +95,11 @@ class StoreSpec:
     if self.logprob_dtype not in _LOGPROB_DTYPES:
       raise UserError(f"store logprob_dtype: expected one of {sorted(_LOGPROB_DTYPES)}, "
                       f"got {self.logprob_dtype!r}")
-    try:
-      object.__setattr__(self, "teacher", _json_normal(dict(self.teacher)))
-    except TypeError as e:
-      raise UserError(f"store teacher: expected a JSON-serialisable dict ({e})") from None
+    for name in ("teacher", "sampling"):
+      try:
+        object.__setattr__(self, name, _json_normal(dict(getattr(self, name))))
+      except TypeError as e:
+        raise UserError(f"store {name}: expected a JSON-serialisable dict ({e})") from None
 
   @property
   def id_bits(self) -> int:
@@ -122,7 +131,8 @@ class StoreSpec:
   def from_manifest(cls, m: dict) -> StoreSpec:
     return cls(k=m["k"], vocab_size=m["vocab_size"], seq_len=m["seq_len"],
                positions=m["positions"], logprob_dtype=m["logprob_dtype"], teacher=m["teacher"],
-               tokenizer_hash=m["tokenizer_hash"], data_fingerprint=m["data_fingerprint"])
+               tokenizer_hash=m["tokenizer_hash"], data_fingerprint=m["data_fingerprint"],
+               sampling=m.get("sampling") or {})
 
 
 def bytes_per_example(spec: StoreSpec) -> int:
@@ -298,7 +308,9 @@ def _header(spec: StoreSpec, num_hosts: int) -> dict:
           "logprob_dtype": spec.logprob_dtype, "record_bytes": spec.record_bytes,
           "layout": {k: list(v) for k, v in spec.layout.items()}, "teacher": spec.teacher,
           "tokenizer_hash": spec.tokenizer_hash, "data_fingerprint": spec.data_fingerprint,
-          "num_hosts": num_hosts}
+          "num_hosts": num_hosts,
+          # a top-k store's manifest has no such key (as before sampled stores existed)
+          **({"sampling": spec.sampling} if spec.sampling else {})}
 
 
 def _short(v: Any) -> str:
@@ -316,9 +328,9 @@ def _identity(field: str, value: Any) -> Any:
 
 def _check_same(store_dir: str, old: dict, new: dict) -> None:
   for f in _SPEC_FIELDS:
-    if _identity(f, old.get(f)) != _identity(f, new[f]):
+    if _identity(f, old.get(f)) != _identity(f, new.get(f)):
       raise UserError(f"store {store_dir}: {f} differs (store: {_short(old.get(f))}, now: "
-                      f"{_short(new[f])}); use a new store dir or delete it")
+                      f"{_short(new.get(f))}); use a new store dir or delete it")
 
 
 def read_manifest(store_dir: str | os.PathLike) -> dict | None:

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from first_jax.runtime import log as log_lib, sharding
 from first_jax.runtime.errors import UserError
-from first_jax.core import step, topk
+from first_jax.core import sampled, step, topk
 from first_jax.data import batches as data_lib
 from first_jax import models
 
@@ -42,6 +42,12 @@ def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
     return step.teacher_topk(apply(params, batch["input_ids"], batch["attention_mask"]), k, mesh)
   top = step.teacher_topk(
       step.student_logits(params, batch, apply, step.LossSpec(answer_only=True)), k, mesh)
+  return at_answer_positions(top, batch)
+
+
+def at_answer_positions(top: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
+  """[B, 1, ...] targets of the answer positions -> [B, L, ...], the other positions holding
+  id 0, log-prob TAIL_FLOOR and tail 0 (masked out of every loss)."""
   b, l = batch["input_ids"].shape
   at_B1 = (jnp.arange(l)[None, :] == batch["answer_pos"][:, None])  # [B, L]
   fill = {"teacher_logprobs": topk.TAIL_FLOOR, "teacher_ids": 0, "teacher_tail": 0.0}
@@ -53,11 +59,30 @@ def teacher_topk(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply,
   return out
 
 
+def teacher_sample(params: Any, batch: dict[str, jax.Array], *, apply: step.Apply, num: int,
+                   t: float, seed: int, answer_only: bool = False) -> dict[str, jax.Array]:
+  """Sampled extraction: teacher forward and a priority sample of `num` tokens of
+  softmax(logits / t) per position (`step.teacher_sampled`), in one program. Position j of
+  the example `example_id` draws from key (seed, example_id, j): the draw does not depend on
+  the batch, its padding, the hosts or a resume. Layout as `teacher_topk`."""
+  spec = step.LossSpec(answer_only=answer_only)
+  keys_BxP = sampled.position_keys(seed, batch["example_id"], step.sample_positions(batch, spec))
+  top = step.teacher_sampled(step.student_logits(params, batch, apply, spec), num, t, keys_BxP)
+  return at_answer_positions(top, batch) if answer_only else top
+
+
 def topk_program(module, params: Any, k: int, answer_only: bool, mesh) -> Callable:
   """The jitted extraction program of `module` with `params`' layout: forward + top-k, outputs
   split over the batch."""
   return jit(functools.partial(teacher_topk, apply=models.apply_fn(module), k=k,
                                answer_only=answer_only, mesh=mesh), params, mesh)
+
+
+def sample_program(module, params: Any, num: int, t: float, seed: int, answer_only: bool,
+                   mesh) -> Callable:
+  """The jitted sampled-extraction program (`teacher_sample`), outputs split over the batch."""
+  return jit(functools.partial(teacher_sample, apply=models.apply_fn(module), num=num, t=t,
+                               seed=seed, answer_only=answer_only), params, mesh)
 
 
 def jit(fn: Callable, params: Any, mesh) -> Callable:
@@ -120,9 +145,11 @@ def map_rows(fn: Callable, params: Any, arrays: dict[str, np.ndarray], *, keys: 
 
 
 def topk_rows(fn, params, arrays: dict, batch_size: int, mesh, desc: str,
-             gather: bool = True) -> dict[str, np.ndarray]:
-  """Teacher top-k (`topk_program`) over the rows of `arrays` (`map_rows`; gather=False: this
+             gather: bool = True, sampled: bool = False) -> dict[str, np.ndarray]:
+  """Teacher top-k (`topk_program`), or with `sampled` a sample (`sample_program`, which also
+  reads the rows' example_id), over the rows of `arrays` (`map_rows`; gather=False: this
   process's rows only, their indices in "row")."""
-  keys = [k for k in ("input_ids", "attention_mask", "answer_pos") if k in arrays]
+  names = ("input_ids", "attention_mask", "answer_pos") + (("example_id",) if sampled else ())
+  keys = [k for k in names if k in arrays]
   return map_rows(fn, params, arrays, keys=keys, batch_size=batch_size, mesh=mesh,
                         desc=desc, gather=gather)

@@ -5,6 +5,7 @@
       teacher/                    fine-tuning run (checkpoints/, metrics.jsonl) + export/ (HF)
       store/                      top-k store (manifest.json, shards), calibration_<mode>.png,
                                   topk_mass.png
+      sampled/t<T>/               a sampled store at teacher temperature T (sample stage)
       students/<variant>/         one training run per student variant + export/
       eval/                       results.json, results.md, reliability PNGs
       timings.json                seconds of each stage that did its work
@@ -54,6 +55,11 @@ class Layout:
   @property
   def store(self) -> str:
     return self.path("store")
+
+  def sampled(self, t: float) -> str:
+    """The sampled store of teacher temperature `t` (6 significant digits name it; its
+    manifest holds t itself)."""
+    return self.path("sampled", f"t{t:.6g}")
 
   @property
   def eval(self) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import jax
+import numpy as np
 
 from first_jax.runtime import distributed
 from first_jax.data import store, tokenizer as tokenizer_lib
@@ -21,48 +23,57 @@ from first_jax.stages import base
 log = logging.getLogger(__name__)
 
 
-def is_done(job: Job) -> bool:
-  """The store is complete and of this config's teacher, data, k and log-prob dtype (what
-  extraction would otherwise verify, or refuse)."""
-  m, c = store.read_manifest(job.layout.store), job.cfg.extract
+def store_is_done(job: Job, path: str, k: int, sampling: dict) -> bool:
+  """The store at `path` is complete and of this config's teacher, data, k, log-prob dtype and
+  (a sampled store) sampling (what extraction would otherwise verify, or refuse)."""
+  m, c = store.read_manifest(path), job.cfg.extract
   return bool(m is not None and m.get("complete")
               and (m.get("teacher") or {}).get("fingerprint") == job.teacher_fingerprint
-              and m.get("data_fingerprint") == job.data_fingerprint and m.get("k") == c.k
-              and m.get("logprob_dtype") == c.logprob_dtype)
+              and m.get("data_fingerprint") == job.data_fingerprint and m.get("k") == k
+              and m.get("logprob_dtype") == c.logprob_dtype
+              and (m.get("sampling") or {}) == sampling)
 
 
-def run(job: Job) -> str:
-  out, teacher_dir, c = job.layout.store, job.layout.teacher, job.cfg.extract
-  train = job.data.splits["train"]
+def is_done(job: Job) -> bool:
+  return store_is_done(job, job.layout.store, job.cfg.extract.k, {})
+
+
+def write_store(job: Job, out: str, k: int, program: Callable, sampling: dict, desc: str) -> str:
+  """The fine-tuned teacher over the training split into the store `out`: `program(module,
+  params, mesh)` is the jitted per-batch program (forward + top-k, or forward + sample) with
+  `k` slots per position; `sampling`: the store spec's (empty for top-k). Finished shards are
+  kept (resume); every process writes its own rows."""
+  teacher_dir, c = job.layout.teacher, job.cfg.extract
+  train = dict(job.data.splits["train"])
+  train["example_id"] = train["example_id"].astype(np.int32)  # the sampled draws' key
   teacher = job.load_export(teacher_dir, "teacher")
   scored_NxL = train["loss_mask"] > 0
   spec = store.StoreSpec(
-      k=c.k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
+      k=k, vocab_size=teacher.config.vocab_size, seq_len=train["input_ids"].shape[1],
       positions=max(1, int(scored_NxL.sum(-1).max())),  # only positions with a loss are kept
       logprob_dtype=c.logprob_dtype,
       teacher={"export": os.path.join(teacher_dir, "export"),
                "fingerprint": job.teacher_fingerprint},
       tokenizer_hash=tokenizer_lib.tokenizer_hash(job.tokenizer),
-      data_fingerprint=job.data.fingerprint)
+      data_fingerprint=job.data.fingerprint, sampling=sampling)
   # Every process writes the rows it computed into its own shard files; process 0 merges the
   # manifests (finalize) once all are complete.
   writer = store.StoreWriter(out, spec, host_id=jax.process_index(),
                              num_hosts=jax.process_count())
   mesh = job.mesh
-  # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
-  # text: the top-k at every position, of which the store keeps the response tokens'.
   teacher = teacher.for_inference()
-  fn = infer.topk_program(teacher.module, teacher.params, c.k, job.answer_only, mesh)
+  fn = program(teacher.module, teacher.params, mesh)
   n, size = len(train["input_ids"]), c.shard_size
   num_shards = -(-n // size)
   for index in range(num_shards):
     if distributed.all_processes(writer.has_shard(index)):  # every process runs every batch
-      log.info("extract: shard %d/%d done already", index + 1, num_shards)
+      log.info("%s: shard %d/%d done already", desc, index + 1, num_shards)
       continue
     rows = slice(index * size, min(n, (index + 1) * size))
     part = {k: v[rows] for k, v in train.items()}
     top = infer.topk_rows(fn, teacher.params, part, c.batch_size, mesh,
-                          desc=f"extract {index + 1}/{num_shards}", gather=False)
+                          desc=f"{desc} {index + 1}/{num_shards}", gather=False,
+                          sampled=bool(sampling))
     mine = top["row"]
     writer.write_shard(index, part["example_id"][mine], part["input_ids"][mine],
                        top["teacher_ids"], top["teacher_logprobs"], top["teacher_tail"],
@@ -70,10 +81,19 @@ def run(job: Job) -> str:
   writer.finalize()  # process 0 merges every process's manifest part
   if distributed.is_main():  # for reports: bytes per stored (scored) token
     store.update_manifest(out, scored_tokens=int(scored_NxL.sum()))
-  distributed.sync("extract: store complete")
-  log.info("extract: %d examples in %d shards, %.1f MB", n, num_shards,
+  distributed.sync(f"{desc}: store complete")
+  log.info("%s: %d examples in %d shards, %.1f MB", desc, n, num_shards,
            store.store_size_bytes(out) / 1e6)
   return out
+
+
+def run(job: Job) -> str:
+  # Response-only MCQA: only the answer position is ever trained on, so only it is extracted;
+  # text: the top-k at every position, of which the store keeps the response tokens'.
+  k = job.cfg.extract.k
+  program = lambda module, params, mesh: infer.topk_program(module, params, k, job.answer_only,
+                                                            mesh)
+  return write_store(job, job.layout.store, k, program, {}, "extract")
 
 
 STAGE = base.Stage(

@@ -1,4 +1,5 @@
-"""All stages in order from one config: finetune -> extract -> calibrate -> train -> evaluate.
+"""All stages in order from one config: finetune -> extract -> calibrate -> sample -> train ->
+evaluate (sample: only for students that read a sampled store).
 
 Each stage runs through `base.execute`, as it does alone: a stage whose outputs exist and match
 the config is skipped with a line "<stage>: done already (...)" (done-markers of the teacher,
@@ -17,10 +18,11 @@ import logging
 import os
 
 from first_jax.engine.job import Job
-from first_jax.stages import base, calibrate, evaluate, extract, finetune, train
+from first_jax.stages import base, calibrate, evaluate, extract, finetune, sample, train
 
 log = logging.getLogger(__name__)
-ORDER = (finetune.STAGE, extract.STAGE, calibrate.STAGE, train.STAGE, evaluate.STAGE)
+ORDER = (finetune.STAGE, extract.STAGE, calibrate.STAGE, sample.STAGE, train.STAGE,
+         evaluate.STAGE)
 STAGES = tuple(stage.name for stage in ORDER)
 
 

@@ -6,6 +6,10 @@
   kd         top-k KD on the teacher's raw top-k (no temperature): plain distillation
   first      FIRST: top-k KD on the teacher's top-k re-scaled by the calibrated temperature
   full_kd    full-vocabulary KD from the teacher running inside the step (reference)
+  kd-sampled     KD on a priority sample of the teacher's full distribution at T = 1 (a sampled
+                 store: the sample stage; unbiased where top-k is not, first_jax.core.sampled)
+  first-sampled  the same at FIRST's calibrated temperature (log_space: softmax(logits / T)
+                 over the whole vocabulary; the calibrate stage's log_space-bucket search)
 `kd` and `first` take optional suffixes overriding the scaling mode and tail handling, e.g.
 `first-log_space`, `first-renormalize`, `kd-renormalize`. Any variant takes `@E` for E epochs
 instead of `distill.epochs` (e.g. `sft@1`: the evaluation picks the SFT epoch count on
@@ -56,6 +60,10 @@ def parse_variant(name: str, cfg) -> Variant:
     return Variant(name, step.LossSpec(kind="ce", label_smoothing=d.label_smoothing,
                                        smooth_over="choices" if mods else "vocab",
                                        answer_only=answer_only), False)
+  online = d.mode == "online"
+  if "sampled" in mods:
+    return _sampled_variant(name, base, [m for m in mods if m != "sampled"], cfg, online,
+                            answer_only)
   mode, tail = d.temperature_mode, d.tail
   for m in mods:
     if m in _MODES:
@@ -64,8 +72,7 @@ def parse_variant(name: str, cfg) -> Variant:
       tail = m
     else:
       raise UserError(f"config.students: unknown modifier {m!r} in {name!r} "
-                      f"(expected one of {_MODES + _TAILS})")
-  online = d.mode == "online"
+                      f"(expected one of {_MODES + _TAILS + ('sampled',)})")
   kd = dict(kind="topk_kd", k=cfg.extract.k, tail=tail, direction=d.direction, online=online,
             num_bins=cfg.calibrate.num_bins, answer_only=answer_only)
   if base == "sft" and not mods:
@@ -88,10 +95,33 @@ def parse_variant(name: str, cfg) -> Variant:
                   f"(expected sft, sft_ls[-choices], kd[-mods], first[-mods], full_kd)")
 
 
+def _sampled_variant(name: str, base: str, mods: list[str], cfg, online: bool,
+                     answer_only: bool) -> Variant:
+  """kd-sampled / first-sampled: the forward KL on a priority sample of the teacher."""
+  d = cfg.distill
+  if base not in ("kd", "first") or any(m != "log_space" for m in mods):
+    raise UserError(f"config.students: {name!r}: sampled targets are kd-sampled or "
+                    f"first-sampled (optionally -log_space)")
+  if d.direction != "forward":
+    raise UserError(f"config.students: {name!r}: sampled targets estimate the forward KL; "
+                    f"set distill.direction=forward (got {d.direction!r})")
+  if base == "first" and d.temperature == "search":
+    raise UserError(f"config.students: {name!r}: the temperature of sampled targets is fixed "
+                    f"before they are drawn; set distill.temperature to calibrated or a number")
+  if base == "first" and d.temperature_mode != "log_space" and "log_space" not in mods:
+    raise UserError(f"config.students: {name!r}: a temperature over the whole vocabulary is "
+                    f"log_space's softmax(logits / T); set distill.temperature_mode=log_space "
+                    f"or name it first-sampled-log_space")
+  return Variant(name, step.LossSpec(
+      kind="sampled_kd", temperature_mode=None if base == "kd" else "log_space", tail="bucket",
+      online=online, answer_only=answer_only, samples=cfg.extract.samples,
+      sample_seed=cfg.extract.sample_seed), True)
+
+
 def teacher_temperature(job: Job, spec: step.LossSpec) -> float:
   """The temperature of a FIRST run: calibrated, or a number from the config; with the online
   search, its start value (the offline calibration's where one exists, else 1)."""
-  if spec.kind != "topk_kd" or spec.temperature_mode is None:
+  if spec.kind not in ("topk_kd", "sampled_kd") or spec.temperature_mode is None:
     return 1.0
   t = job.cfg.distill.temperature
   if t not in ("calibrated", "search"):
@@ -111,6 +141,33 @@ def teacher_temperature(job: Job, spec: step.LossSpec) -> float:
     raise UserError(f"{path}: the calibration has no search for {key} (re-run "
                     f"first_jax.calibrate)")
   return float(calib["searches"][key]["best_t"])
+
+
+def sampling(job: Job, t: float) -> dict:
+  """The `sampling` block of the store a sampled student reads (the sample stage writes it)."""
+  return {"sampler": "priority", "temperature": t, "mode": "log_space",
+          "seed": job.cfg.extract.sample_seed}
+
+
+def store_path(job: Job, spec: step.LossSpec, t: float) -> str:
+  """The store a KD student reads: the top-k store, or the sampled store of its temperature."""
+  return job.layout.sampled(t) if spec.kind == "sampled_kd" else job.layout.store
+
+
+def open_store(job: Job, spec: step.LossSpec, t: float) -> store.StoreReader:
+  """The student's store, complete and (sampled) drawn as this run says."""
+  path = store_path(job, spec, t)
+  stage = "sample" if spec.kind == "sampled_kd" else "extract"
+  reader = store.StoreReader(path)
+  if not reader.manifest.get("complete"):
+    raise UserError(f"{reader.store_dir}: the store is incomplete (its {stage} stage did not "
+                    f"finish); re-run first_jax.{stage} to complete it")
+  if spec.kind == "sampled_kd":
+    want = sampling(job, t)
+    if reader.spec.sampling != want or reader.spec.k != spec.samples:
+      raise UserError(f"{path}: drawn with {reader.spec.sampling} and {reader.spec.k} tokens, "
+                      f"this run wants {want} and {spec.samples}; re-run first_jax.sample")
+  return reader
 
 
 def store_targets(reader: store.StoreReader):
@@ -155,10 +212,7 @@ def train_variant(job: Job, variant: Variant) -> str:
   train = job.data.splits["train"]  # the data (and its errors) before any model loads
   reader = None
   if variant.needs_teacher and not spec.online:  # opened (and verified) only for work to do
-    reader = store.StoreReader(job.layout.store)
-    if not reader.manifest.get("complete"):
-      raise UserError(f"{reader.store_dir}: the store is incomplete (its extraction did not "
-                      f"finish); re-run first_jax.extract to complete it")
+    reader = open_store(job, spec, t)
   optim = cfg.distill
   if variant.epochs:  # the same optimiser and schedule shape over fewer (or more) epochs
     optim = ml_collections.ConfigDict({**cfg.distill.to_dict(), "epochs": variant.epochs})
