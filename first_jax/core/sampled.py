@@ -61,10 +61,19 @@ def priority_sample(logits_xV: jax.Array, num: int, t: float | jax.Array,
   e_xV = e_xV.reshape(logits_xV.shape)
   pri_xV = z_xV + e_xV  # log priority + lse: the order is that of log p + E
   top_xU1, ids_xU1 = jax.lax.top_k(pri_xV, num + 1)
-  ids_xU = ids_xU1[..., :num]
+  # The U kept are the U + 1 largest but their smallest (tau), dropped by a gather whose
+  # indices depend on the values: XLA:CPU keeps its cheap TopK only when the sorted outputs
+  # are read whole, and a plain slice of them turns it back into a full sort of [.., V]
+  # (measured: 15x slower at [4, 64, 49152]); an optimization barrier would do too, but
+  # aborts the SPMD partitioner under a split vocabulary (jax 0.10.2).
+  top_x = jnp.min(top_xU1, axis=-1)
+  last_x = jnp.argmin(top_xU1, axis=-1)
+  drop_xU1 = jnp.arange(num + 1) == last_x[..., None]
+  keep_xU = jnp.argsort(drop_xU1, axis=-1, stable=True)[..., :num]
+  ids_xU = jnp.take_along_axis(ids_xU1, keep_xU, axis=-1)
   at_xU = jnp.take_along_axis(z_xV, ids_xU, axis=-1)
   logprobs_xU = jnp.maximum(at_xU - lse_x[..., None], TAIL_FLOOR)
-  log_tau_x = jnp.maximum(top_xU1[..., num] - lse_x, TAIL_FLOOR)
+  log_tau_x = jnp.maximum(top_x - lse_x, TAIL_FLOOR)
   return logprobs_xU, ids_xU.astype(jnp.int32), log_tau_x
 
 
