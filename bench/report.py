@@ -40,12 +40,17 @@ import numpy as np
 from first_jax.core import calibration
 
 ORDER = ("teacher_pretrained", "teacher", "sft", "sft+ts", "sft@val", "sft_ls", "sft_ls-choices",
-         "kd", "first", "first+ts")
+         "kd", "first", "first+ts", "kd-sampled", "first-sampled", "full_kd")
 KEYS = ("id_accuracy", "id_ece", "ood_accuracy", "ood_ece")
 NUM_BINS = 10
 TOPK = (1, 2, 3, 4, 5, 10, 20)
-# (rows compared, paired-differences key); the summary keeps the first two
-PAIRS = (("first", "sft"), ("first", "sft+ts"), ("first+ts", "sft"), ("first+ts", "sft+ts"))
+# (rows compared, paired-differences key); the summary keeps SUMMARY_PAIRS. The rows of issue 26
+# (sampled targets, full KD) against post-hoc scaling and against FIRST.
+PAIRS = (("first", "sft"), ("first", "sft+ts"), ("first+ts", "sft"), ("first+ts", "sft+ts"),
+         ("kd-sampled", "sft+ts"), ("kd-sampled", "first"), ("first-sampled", "sft+ts"),
+         ("first-sampled", "first"), ("full_kd", "sft+ts"), ("full_kd", "first"))
+SUMMARY_PAIRS = ("first-sft", "first-sft+ts", "first-sampled-sft+ts", "first-sampled-first",
+                 "kd-sampled-sft+ts", "full_kd-sft+ts")
 FIGURES = {"reliability_in_domain": ("eval", "reliability_in_domain.png"),
            "calibration_prob_softmax": ("store", "calibration_prob_softmax.png"),
            "calibration_log_space": ("store", "calibration_log_space.png"),
@@ -439,7 +444,7 @@ def aggregate(seeds: list[dict], num_bootstrap: int = 2000, config_name: str = "
                   "t_prob_softmax": _r(prem.get("t_prob_softmax")),
                   "holds": None if any(h is None for h in holds) else all(holds)},
       "rows": out_rows,
-      "paired": {k: paired[k] for k in ("first-sft", "first-sft+ts") if k in paired},
+      "paired": {k: paired[k] for k in SUMMARY_PAIRS if k in paired},
       "goal": goal,
       "bootstrap": int(num_bootstrap),
   }
