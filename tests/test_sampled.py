@@ -38,13 +38,21 @@ def _case(seed, t):
   return teacher, student, p, kl, grad
 
 
-def _draws(teacher, t, num=U, draws=DRAWS, seed=0):
+@functools.partial(jax.jit, static_argnames=("num", "draws"))
+def _draws_jit(teacher, t, seed, num, draws):
   keys = jax.random.split(jax.random.key(seed), draws)
-  lp, ids, log_tau = sampled.priority_sample(jnp.broadcast_to(teacher, (draws, V)), num, t,
-                                             keys)
-  return lp, ids, log_tau
+  return sampled.priority_sample(jnp.broadcast_to(teacher, (draws, V)), num, t, keys)
 
 
+_sample = jax.jit(sampled.priority_sample, static_argnums=1)  # one compile per shape
+_sampled_kd = jax.jit(losses.sampled_kd)
+
+
+def _draws(teacher, t, num=U, draws=DRAWS, seed=0):
+  return _draws_jit(teacher, t, seed, num=num, draws=draws)
+
+
+@jax.jit
 def _loss_and_grad(student, ids_NxU, lp_NxU, log_tau_N):
   def one(s_V, ids_U, lp_U, log_tau):
     total, _ = losses.sampled_kd(s_V[None, None], ids_U[None, None], lp_U[None, None],
@@ -105,9 +113,9 @@ def test_the_same_check_fails_for_top_k_targets_float64():
     tol = _tolerance(grad_NxV, p, np.exp(np.asarray(log_tau)))
     lp, ids, tail = topk.extract(jnp.asarray(teacher)[None, None], U)
     for tail_mode in ("bucket", "renormalize"):
-      g = jax.grad(lambda s: losses.topk_kd(s[None, None], ids, lp, jnp.ones((1, 1)),
-                                            tail=tail_mode, teacher_tail_logmass_BxL=tail)[0])(
-                                                jnp.asarray(student))
+      g = jax.jit(jax.grad(lambda s: losses.topk_kd(
+          s[None, None], ids, lp, jnp.ones((1, 1)), tail=tail_mode,
+          teacher_tail_logmass_BxL=tail)[0]))(jnp.asarray(student))
       assert (np.abs(np.asarray(g) - grad) > tol).any(), tail_mode
 
 
@@ -126,15 +134,15 @@ def test_draws_are_reproducible_and_depend_on_the_key_only():
   rng = np.random.default_rng(2)
   logits = jnp.asarray(rng.normal(size=(2, 3, V)), jnp.float32)
   keys = sampled.position_keys(7, jnp.array([11, 12]), jnp.arange(3)[None].repeat(2, 0))
-  a = sampled.priority_sample(logits, U, 1.5, keys)
-  b = sampled.priority_sample(logits, U, 1.5, keys)
+  a = _sample(logits, U, 1.5, keys)
+  b = _sample(logits, U, 1.5, keys)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # row 12 alone, at its position 2, draws what it drew in the batch
-  one = sampled.priority_sample(logits[1:, 2:], U, 1.5,
+  one = _sample(logits[1:, 2:], U, 1.5,
                                 sampled.position_keys(7, jnp.array([12]), jnp.array([[2]])))
   np.testing.assert_array_equal(np.asarray(one[1])[0, 0], np.asarray(a[1])[1, 2])
-  other = sampled.priority_sample(logits, U, 1.5, sampled.position_keys(
+  other = _sample(logits, U, 1.5, sampled.position_keys(
       8, jnp.array([11, 12]), jnp.arange(3)[None].repeat(2, 0)))
   assert not np.array_equal(np.asarray(other[1]), np.asarray(a[1]))
 
@@ -146,16 +154,16 @@ def test_sampled_kd_bf16_logits_and_empty_slots():
   s = jnp.asarray(rng.normal(size=(2, 4, V)), jnp.bfloat16)
   t = jnp.asarray(rng.normal(size=(2, 4, V)) * 2, jnp.float32)
   keys = sampled.position_keys(0, jnp.arange(2), jnp.arange(4)[None].repeat(2, 0))
-  lp, ids, log_tau = sampled.priority_sample(t, U, 1.0, keys)
+  lp, ids, log_tau = _sample(t, U, 1.0, keys)
   mask = jnp.asarray([[1, 1, 0, 1], [0, 1, 1, 1]], jnp.float32)
-  total, count = losses.sampled_kd(s, ids, lp, log_tau, mask)
+  total, count = _sampled_kd(s, ids, lp, log_tau, mask)
   assert total.dtype == jnp.float32 and float(count) == 6.0
   lp_pad = jnp.concatenate([lp, jnp.full(lp.shape[:-1] + (2,), TAIL_FLOOR)], -1)
   ids_pad = jnp.concatenate([ids, jnp.zeros(ids.shape[:-1] + (2,), jnp.int32)], -1)
   junk = jnp.where(mask[..., None] > 0, lp_pad, 0.0)  # masked: any finite values
-  total2, _ = losses.sampled_kd(s, ids_pad, junk, jnp.where(mask > 0, log_tau, 3.0), mask)
+  total2, _ = _sampled_kd(s, ids_pad, junk, jnp.where(mask > 0, log_tau, 3.0), mask)
   np.testing.assert_allclose(float(total2), float(total), rtol=1e-6)
-  ref, _ = losses.sampled_kd(s.astype(jnp.float32), ids, lp, log_tau, mask)
+  ref, _ = _sampled_kd(s.astype(jnp.float32), ids, lp, log_tau, mask)
   np.testing.assert_allclose(float(total), float(ref), rtol=1e-5)
 
 
@@ -235,7 +243,7 @@ def test_a_sampled_store_round_trips_and_refuses_another_draw(tmp_path):
   n, l, vocab = 5, 7, 300
   logits = jnp.asarray(rng.normal(size=(n, l, vocab)) * 2, jnp.float32)
   keys = sampled.position_keys(0, jnp.arange(n), jnp.arange(l)[None].repeat(n, 0))
-  lp, ids, log_tau = (np.asarray(x) for x in sampled.priority_sample(logits, U, 2.0, keys))
+  lp, ids, log_tau = (np.asarray(x) for x in _sample(logits, U, 2.0, keys))
   mask = rng.random((n, l)) < 0.6
   draw = {"sampler": "priority", "temperature": 2.0, "mode": "log_space", "seed": 0}
   spec = store.StoreSpec(k=U, vocab_size=vocab, seq_len=l, sampling=draw)
