@@ -56,7 +56,10 @@ def row(name: str, s: dict, what: str, precision: str, reproducible: bool) -> di
                f"{len(s['n']['ood_per_task'])} x {max(s['n']['ood_per_task'].values())}",
       "premise": f"{prem['teacher_val_confidence']:.3f} vs {prem['teacher_val_accuracy']:.3f}, "
                  f"t = {prem['t_log_space']:.2f}" + ("" if prem["holds"] else " (fails)"),
-      "gap": "-" if teacher is None else f"{teacher[0] - sft[0]:+.3f}",
+      # the fine-tuned teacher's test accuracy; a study whose seeds restored the teacher's store
+      # instead of fine-tuning it has no teacher row: then its validation accuracy, marked
+      "gap": (f"{teacher[0] - sft[0]:+.3f}" if teacher is not None else
+              f"{prem['teacher_val_accuracy'] - sft[0]:+.3f} (teacher on validation)"),
       "id_ece": " / ".join(_val(r[m]["id_ece"]) for m in ("sft", "sft+ts", "first")),
       "ood_ece": " / ".join(_val(r[m]["ood_ece"]) for m in ("sft", "sft+ts", "first")),
       "first_sft_id": f"{_ci(p['first-sft']['id_ece'])} {verdict(p['first-sft']['id_ece'])}",

@@ -29,3 +29,12 @@ def test_the_multiemo_column_is_its_summary():
   text = studies.table([r, r])
   assert text.count("\n") == len(studies.COLUMNS) + 1  # header, rule, a line per figure
   assert "| FIRST - SFT ID ECE | " + r["first_sft_id"] + " | " in text
+
+
+def test_without_a_teacher_row_the_gap_is_from_its_validation_accuracy_and_says_so():
+  with open(os.path.join(ROOT, "docs", "results", "summary.json")) as f:
+    s = json.load(f)
+  del s["rows"]["teacher"]
+  r = studies.row("x", s, "x", "bfloat16", True)
+  gap = s["premise"]["teacher_val_accuracy"] - s["rows"]["sft"]["id_accuracy"][0]
+  assert r["gap"] == f"{gap:+.3f} (teacher on validation)"
