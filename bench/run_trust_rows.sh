@@ -3,13 +3,15 @@
 # student seed at a time, without re-training the rows already committed:
 #   TRUST_STUDY=vader bash bench/run_trust_rows.sh SEED ...
 #   TRUST_ROWS=kd-sampled,first-sampled,full_kd (default) picks the students.
+#   TRUST_TEACHER_RUN=workdir/trust_<study>/seed0 uses a workdir that still holds the study's
+#   fine-tuned teacher instead of fine-tuning it again (the same store check applies).
 #
 # These rows need the fine-tuned teacher itself (the sample stage draws from it; full_kd runs it
 # inside the step), which the study's bundle does not hold (weights stay out of git). So the
 # first seed fine-tunes it again, in workdir/trust_<study>_rows/teacher_run (the study's recipe,
 # seed 0: the same config as the committed one), and checks that it IS the committed teacher:
 # its top-k store, extracted again, must be byte for byte the bundle's (docs/results/<study>/
-# teacher/store; the line "teacher reproduced: N of N shards identical" or a stop). Each seed's
+# teacher/store; the line "teacher: N of N store shards identical" or a stop). Each seed's
 # workdir workdir/trust_<study>_rows/seed<N> then restores the bundle store (with its
 # calibration) and the pre-trained teacher's cached scores, links the teacher, and runs the
 # pipeline for TRUST_ROWS only (sample, train, evaluate); `bench/report.py --add-rows` adds the
@@ -24,7 +26,7 @@ config=configs/trust_$study.py name=results_$study bundle=docs/results/$study/te
 summary=docs/results/$study/summary.json root=workdir/trust_${study}_rows
 title="trust study on $study: FIRST with an over-confident teacher"
 [ -f "$config" ] || { echo "TRUST_STUDY=$study: no $config" >&2; exit 2; }
-teacher_run=$root/teacher_run
+teacher_run=${TRUST_TEACHER_RUN:-$root/teacher_run}
 
 stage() {  # stage workdir seed [flags...]
   local s=$1 wd=$2 seed=$3
@@ -42,7 +44,7 @@ same = [a["sha256"] == b["sha256"] for a, b in zip(new["shards"], old["shards"])
 if len(new["shards"]) != len(old["shards"]) or not all(same):
   sys.exit(f"teacher NOT reproduced: {sum(same)} of {len(old['shards'])} store shards identical "
            f"to {sys.argv[2]}; the added rows would distil another teacher")
-print(f"teacher reproduced: {len(same)} of {len(same)} shards identical to {sys.argv[2]}")
+print(f"teacher: {len(same)} of {len(same)} store shards identical to {sys.argv[2]}")
 EOF
   touch "$teacher_run/reproduced"
 fi
