@@ -141,9 +141,10 @@ def teacher_topk(teacher_logits_BxLxV: jax.Array, k: int, mesh=None) -> dict[str
 def teacher_sampled(teacher_logits_BxLxV: jax.Array, num: int, t: jax.Array,
                     keys_BxL: jax.Array) -> dict[str, jax.Array]:
   """A priority sample of U = `num` tokens of softmax(teacher / t) per position, as targets
-  (`sampled.priority_sample`; "teacher_tail" holds log tau). Under a mesh whose "tensor" axis
-  splits the vocabulary the partitioner keeps the noise, log-sum-exp and top-k per shard; the
-  noise is partitionable threefry, so the draw does not depend on the mesh."""
+  (`sampled.priority_sample`; "teacher_tail" holds log tau). Logits split over the vocabulary
+  (a "tensor" mesh axis) are left to the SPMD partitioner: the noise is partitionable threefry,
+  so the draw does not depend on the mesh (ids bit-identical on 1x8, tests/test_sampled.py);
+  unlike `teacher_topk`, no hand-written shard_map bounds its communication."""
   logprobs_BxLxU, ids_BxLxU, log_tau_BxL = sampled.priority_sample(teacher_logits_BxLxV, num, t,
                                                                    keys_BxL)
   return {"teacher_logprobs": logprobs_BxLxU, "teacher_ids": ids_BxLxU,
