@@ -38,3 +38,20 @@ def test_without_a_teacher_row_the_gap_is_from_its_validation_accuracy_and_says_
   r = studies.row("x", s, "x", "bfloat16", True)
   gap = s["premise"]["teacher_val_accuracy"] - s["rows"]["sft"]["id_accuracy"][0]
   assert r["gap"] == f"{gap:+.3f} (teacher on validation)"
+
+
+def test_quartz_twins_are_found_by_options_and_stem():
+  from bench import quartz_twins
+
+  def q(stem, a, b, ideal):
+    return {"input": [{"role": "user", "content": f"{stem}\n\n A: {a}\n B: {b}"}],
+            "ideal": ideal}
+  rows = [q("Eric adds more resistors to the circuit. The resistance", "increases", "decreases",
+            "A"),
+          q("Eric adds fewer resistors to the circuit. The resistance", "increases", "decreases",
+            "B"),  # the twin, answer flipped
+          q("Eric adds more resistors to the circuit. The resistance", "decreases", "increases",
+            "B"),  # same answer text, options in another order
+          q("Sound gets closer to a speaker and becomes", "louder", "quieter", "A")]
+  kinds = quartz_twins.twin_kinds(rows, train=[0], test=[1, 2, 3])
+  assert list(kinds) == ["flipped", "same", "none"]
