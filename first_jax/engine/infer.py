@@ -145,11 +145,11 @@ def map_rows(fn: Callable, params: Any, arrays: dict[str, np.ndarray], *, keys: 
 
 
 def topk_rows(fn, params, arrays: dict, batch_size: int, mesh, desc: str,
-             gather: bool = True, sampled: bool = False) -> dict[str, np.ndarray]:
-  """Teacher top-k (`topk_program`), or with `sampled` a sample (`sample_program`, which also
-  reads the rows' example_id), over the rows of `arrays` (`map_rows`; gather=False: this
+             gather: bool = True, by_example: bool = False) -> dict[str, np.ndarray]:
+  """Teacher top-k (`topk_program`), or with `by_example` a sample (`sample_program`, which
+  also reads the rows' example_id), over the rows of `arrays` (`map_rows`; gather=False: this
   process's rows only, their indices in "row")."""
-  names = ("input_ids", "attention_mask", "answer_pos") + (("example_id",) if sampled else ())
+  names = ("input_ids", "attention_mask", "answer_pos") + (("example_id",) if by_example else ())
   keys = [k for k in names if k in arrays]
   return map_rows(fn, params, arrays, keys=keys, batch_size=batch_size, mesh=mesh,
                         desc=desc, gather=gather)

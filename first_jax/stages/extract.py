@@ -73,7 +73,7 @@ def write_store(job: Job, out: str, k: int, program: Callable, sampling: dict, d
     part = {k: v[rows] for k, v in train.items()}
     top = infer.topk_rows(fn, teacher.params, part, c.batch_size, mesh,
                           desc=f"{desc} {index + 1}/{num_shards}", gather=False,
-                          sampled=bool(sampling))
+                          by_example=bool(sampling))
     mine = top["row"]
     writer.write_shard(index, part["example_id"][mine], part["input_ids"][mine],
                        top["teacher_ids"], top["teacher_logprobs"], top["teacher_tail"],
