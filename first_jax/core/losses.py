@@ -228,7 +228,7 @@ def sampled_kd(student_logits_BxLxV: jax.Array, teacher_ids_BxLxU: jax.Array,
   t_lp_BxLxU = jax.lax.stop_gradient(teacher_logprobs_BxLxU).astype(acc)
   log_w_BxLxU = sampled.log_weights(
       t_lp_BxLxU, jax.lax.stop_gradient(teacher_log_threshold_BxL).astype(acc))
-  w_BxLxU = jnp.where(log_w_BxLxU > 0.5 * TAIL_FLOOR, jnp.exp(log_w_BxLxU), 0.0)
+  w_BxLxU = jnp.exp(log_w_BxLxU)  # an empty slot's TAIL_FLOOR gives exactly 0
   s_at_BxLxU = gather_logits(student_logits_BxLxV, ids_BxLxU)
   lse_BxL = log_normalizer(student_logits_BxLxV, vocab_chunk)
   # where, not multiply: an empty slot's TAIL_FLOOR log-prob times weight 0 stays 0
