@@ -111,8 +111,26 @@ def validate(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
                     f"name (gpt2, smollm2), got {cfg.tokenizer!r}")
   for who in ("teacher", "student"):
     _check_model_source(cfg, who, check_paths)
+  if cfg.teacher.source == "server":
+    _check_served(cfg)
   for path in cfg.evaluate.models if check_paths else ():
     _require(os.path.exists(path), "evaluate.models", _expected("evaluate.models"), path)
+
+
+def _check_served(cfg: ml_collections.ConfigDict) -> None:
+  """A served teacher gives top-k log-probs at T = 1 and nothing else."""
+  s = cfg.teacher.server
+  _require(s.url.startswith(("http://", "https://")), "teacher.server.url",
+           _expected("teacher.server.url"), s.url)
+  _require(bool(s.model), "teacher.server.model", _expected("teacher.server.model"), s.model)
+  _require(cfg.distill.mode == "offline", "distill.mode",
+           "offline with teacher.source=server (the online step runs the teacher in process)",
+           cfg.distill.mode)
+  full = [n for n in cfg.students if n.partition("@")[0] == "full_kd"
+          or "sampled" in n.partition("@")[0].split("-")]
+  _require(not full, "students", "no full_kd, kd-sampled or first-sampled with "
+           "teacher.source=server (they need the teacher's full distribution; a server gives "
+           "its top-k)", full)
 
 
 def _is_type(value: Any, kind: type) -> bool:

@@ -308,6 +308,31 @@ SCHEMA: dict[str, Key] = {
                         "a .gguf file or an asset name (smollm2)", _TEACHER_RUN,
                         allowed="an existing HF model directory, .gguf file or asset name"),
     **_block("teacher.model", _MODEL_FIELDS, _ALL),
+    "teacher.source": Key("local", "local: the teacher is fine-tuned and run in process; server: "
+                          "an already fine-tuned teacher behind an inference server gives its "
+                          "top-k log-probs over HTTP to extract and calibrate (no finetune; "
+                          "students that need its full distribution are refused; see "
+                          "docs/served_teacher.md)", _ALL, choices=("local", "server")),
+    "teacher.server.url": Key("", "source=server: the server's base URL, e.g. "
+                              "http://127.0.0.1:8000", ("extract", "calibrate"),
+                              allowed="an http(s) URL when teacher.source=server"),
+    "teacher.server.api": Key("llama_cpp", "source=server: its response schema: llama_cpp "
+                              "(llama-cpp-python's server, tested) or vllm (vLLM's OpenAI server; "
+                              "tested against its schema only)", _ALL,
+                              choices=("llama_cpp", "vllm")),
+    "teacher.server.model": Key("", "source=server: the served model's name (as its /v1/models "
+                                "lists it); part of the teacher's identity: serve a changed "
+                                "teacher under a new name", _ALL,
+                                allowed="a non-empty name when teacher.source=server"),
+    "teacher.server.concurrency": Key(4, "source=server: requests in flight at once (one row "
+                                      "each)", ("extract", "calibrate"), lo=1),
+    "teacher.server.timeout_s": Key(120.0, "source=server: seconds one request may take",
+                                    ("extract", "calibrate"), lo=0, lo_open=True, finite=True),
+    "teacher.server.retries": Key(3, "source=server: retries of a request answered 429 / 5xx, "
+                                  "timed out or refused, with exponential backoff and jitter",
+                                  ("extract", "calibrate"), lo=0),
+    "teacher.server.backoff_s": Key(0.5, "source=server: the first retry's mean wait (doubled "
+                                    "at each retry)", ("extract", "calibrate"), lo=0, finite=True),
     "student.init": Key("random", "random (from student.model), pretrained (from student.path) or "
                         "layer_subset (student.layers of the PRE-TRAINED teacher, with its "
                         "embeddings and head)", _STUDENT,
@@ -458,7 +483,8 @@ BLOCKS: dict[str, str] = {
     "data": "The examples: where they come from, how they are split, encoded and scored.",
     "data.hf_fields": "Column names read for `data.kind=choice`, `data.source=hf`.",
     "data.text_fields": "Column names read for `data.kind=text`, `data.source=hf`.",
-    "teacher": "The teacher before fine-tuning.",
+    "teacher": "The teacher before fine-tuning, or the served teacher.",
+    "teacher.server": "A teacher behind an inference server (`teacher.source=server`).",
     "teacher.model": "Architecture (`first_jax.models.ModelConfig`) of a random teacher; for "
                      "`init=pretrained` the architecture comes from the checkpoint and only "
                      "dtype, param_dtype and remat apply.",

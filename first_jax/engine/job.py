@@ -38,9 +38,24 @@ def _block(cfg: ml_collections.ConfigDict, name: str) -> dict:
 
 def teacher_fingerprint(cfg: ml_collections.ConfigDict) -> str:
   """What the fine-tuned teacher depends on (its done-marker; the store and KD students record
-  it, so a changed teacher invalidates them)."""
-  return workspace.fingerprint(cfg.seed, cfg.tokenizer, _block(cfg, "data"), cfg.teacher,
+  it, so a changed teacher invalidates them). A served teacher is its served name and schema
+  with the tokenizer: what the server runs is the server's (serve a changed teacher under a new
+  name)."""
+  if cfg.teacher.source == "server":
+    s = cfg.teacher.server
+    return workspace.fingerprint("served", s.api, s.model, cfg.tokenizer)
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, _block(cfg, "data"), _model_block(cfg),
                                _block(cfg, "finetune"))
+
+
+def _model_block(cfg: ml_collections.ConfigDict) -> dict:
+  """The teacher block as its weights depend on it: without `source` and `server`."""
+  return {k: v for k, v in cfg.teacher.to_dict().items() if k not in ("source", "server")}
+
+
+def pretrained_teacher_fingerprint(cfg: ml_collections.ConfigDict) -> str:
+  """The teacher before fine-tuning (its cached evaluation scores)."""
+  return workspace.fingerprint(cfg.seed, cfg.tokenizer, _model_block(cfg))
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,6 +128,16 @@ class Job:
     if "data" in self.__dict__:
       return self.data.fingerprint
     return datasets.fingerprint(self.cfg.data, self.seed, self.tokenizer)
+
+  def served_teacher(self):
+    """The teacher behind `teacher.server` (source=server), checked the first time it is asked
+    for (reachable, model served, top-k allowed, same tokenizer); before anything is written."""
+    if "_served" not in self.__dict__:
+      from first_jax.engine import served  # pylint: disable=import-outside-toplevel
+      client = served.Client(served.Server.of(self.cfg.teacher.server), self.tokenizer)
+      client.check(max(served.REPORT_K, self.cfg.extract.k))
+      self._served = client
+    return self._served
 
   def check_data(self) -> None:
     """The start-up check of the data itself (read and split; nothing encoded or written)."""

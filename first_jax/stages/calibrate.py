@@ -28,12 +28,12 @@ from first_jax.runtime import distributed, xla_options
 from first_jax.runtime.errors import UserError
 from first_jax.core import calibration, losses, temperature
 from first_jax.data import store
-from first_jax.engine import infer, plots, workspace
+from first_jax.engine import infer, plots, served, workspace
 from first_jax.engine.job import Job
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
-MAX_K_REPORT = 20
+MAX_K_REPORT = served.REPORT_K  # the concentrated-knowledge report's k = 1..20
 
 
 def answer_events(top: dict, arrays: dict) -> tuple[np.ndarray, ...]:
@@ -141,13 +141,19 @@ def _check_premise(job: Job, check: dict) -> None:
 def run(job: Job) -> dict:
   out, cfg = job.layout.store, job.cfg
   store.StoreReader(out, verify=False)  # a clear error if extract has not written the store
-  val = job.data.splits["validation"]
-  teacher = job.load_export(job.layout.teacher, "teacher").for_inference()
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"
-  mesh = job.mesh
-  fn = infer.topk_program(teacher.module, teacher.params, k_report, not text, mesh)
-  top = infer.topk_rows(fn, teacher.params, val, cfg.extract.batch_size, mesh, desc="calibrate")
+  if cfg.teacher.source == "server":  # checked before anything is written
+    client = job.served_teacher()
+    val = job.data.splits["validation"]
+    top = client.topk_rows(val, k_report, not text, desc="calibrate")
+  else:
+    val = job.data.splits["validation"]
+    teacher = job.load_export(job.layout.teacher, "teacher").for_inference()
+    mesh = job.mesh
+    fn = infer.topk_program(teacher.module, teacher.params, k_report, not text, mesh)
+    top = infer.topk_rows(fn, teacher.params, val, cfg.extract.batch_size, mesh,
+                          desc="calibrate")
   lp_NxR, ids_NxR, _, gold_N = (token_events if text else answer_events)(top, val)
   mass_NxR = np.cumsum(np.exp(lp_NxR.astype(np.float64)), axis=-1)
   lp_NxK, ids_NxK = lp_NxR[:, :k], ids_NxR[:, :k]

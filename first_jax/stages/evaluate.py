@@ -40,7 +40,7 @@ from first_jax.runtime import distributed, io_util
 from first_jax.core import calibration, step, temperature, topk
 from first_jax import models
 from first_jax.engine import infer, plots, textscore, workspace
-from first_jax.engine.job import Job
+from first_jax.engine.job import Job, pretrained_teacher_fingerprint
 from first_jax.stages import base
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def _models(job: Job) -> dict[str, tuple[Callable, str | None]]:
   """Name -> (loader, fingerprint of the model or None: not cached) of every model found."""
   cfg = job.cfg
   found = {"teacher_pretrained": (functools.partial(job.init_model, "teacher"),
-                                  workspace.fingerprint(cfg.seed, cfg.tokenizer, cfg.teacher))}
+                                  pretrained_teacher_fingerprint(cfg))}
   teacher = job.layout.teacher
   if os.path.exists(os.path.join(teacher, "export", "config.json")):
     found["teacher"] = (functools.partial(job.load_export, teacher, "teacher"),

@@ -16,7 +16,15 @@ log = logging.getLogger(__name__)
 
 
 def is_done(job: Job) -> bool:
-  return workspace.is_done(job.layout.teacher, job.teacher_fingerprint)
+  """The teacher is fine-tuned (a served teacher: by whoever serves it)."""
+  return (job.cfg.teacher.source == "server"
+          or workspace.is_done(job.layout.teacher, job.teacher_fingerprint))
+
+
+def _where(job: Job) -> str:
+  s = job.cfg.teacher.server
+  return (f"the teacher is served: {s.model!r} at {s.url}" if job.cfg.teacher.source == "server"
+          else job.layout.teacher)
 
 
 def run(job: Job) -> str:
@@ -33,6 +41,6 @@ def run(job: Job) -> str:
 
 
 STAGE = base.Stage(
-    name="finetune", run=run, is_done=is_done, where=lambda job: job.layout.teacher,
+    name="finetune", run=run, is_done=is_done, where=_where,
     outputs=lambda job: [job.layout.teacher], when_done=lambda job: job.layout.teacher,
     prune=lambda job: job.prune_done(job.layout.teacher))

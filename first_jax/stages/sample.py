@@ -47,8 +47,9 @@ def run(job: Job) -> list[str]:
     else:
       program = lambda module, params, mesh, t=t: infer.sample_program(
           module, params, c.samples, t, c.sample_seed, job.answer_only, mesh)
-      extract.write_store(job, path, c.samples, program, train.sampling(job, t),
-                          f"sample t={t:.4g}")
+      job.data  # the data (and its errors) before the teacher loads
+      extract.write_store(job, path, c.samples, extract.local_targets(job, program, True),
+                          train.sampling(job, t), f"sample t={t:.4g}")
     out.append(path)
   return out
 
