@@ -371,3 +371,39 @@ def test_damaged_outputs_of_earlier_stages(capsys, tmp_path, finished, name):
   if damage.stage == "train":
     args.append("--config.distill.epochs=3")
   expect_one_line(capsys, tmp_path, damage.stage, args, damage.needle)
+
+
+# ------------------------------------------------------------------ a served teacher (start-up)
+
+SERVED = {  # name: (loopback api, its fault, extra flags, what the one line names)
+    "unreachable": ("llama_cpp", "stopped", [], "teacher.server.url: http://127.0.0.1:"),
+    "unknown model": ("llama_cpp", None, ["--config.teacher.server.model=other"],
+                      "config.teacher.server.model: 'other' is not served"),
+    "k above the limit": ("vllm", "max_logprobs=4", [],
+                          "config.extract.k: the server refused 20 log-probs"),
+    "another tokenizer": ("llama_cpp", "tokenize_shift", [],
+                          "config.tokenizer: the served model tokenizes differently"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_served_teacher_startup_checks(capsys, tmp_path, name):
+  """A served teacher is checked before anything is written: reachable, the model served, the
+  top-k allowed, the same tokenizer (each against the loopback server, through the CLI)."""
+  from first_jax.data import tokenizer as tokenizer_lib
+  from tests.served_loopback import Loopback
+  from tests.test_served import random_scorer
+  api, fault, extra, needle = SERVED[name]
+  tok = tokenizer_lib.load("gpt2")
+  lb = Loopback(random_scorer(0, len(tok)), tok, api, model="m",
+                max_logprobs=4 if fault == "max_logprobs=4" else 20)
+  lb.tokenize_shift = int(fault == "tokenize_shift")
+  with lb:
+    url = lb.url
+    if fault == "stopped":
+      lb.stop()
+    expect_one_line(capsys, tmp_path, "pipeline", [
+        f"--config.workdir={tmp_path}/wd", "--config.teacher.source=server",
+        f"--config.teacher.server.url={url}", "--config.teacher.server.model=m",
+        f"--config.teacher.server.api={api}", "--config.teacher.server.retries=1",
+        "--config.teacher.server.backoff_s=0.01"] + extra, needle)

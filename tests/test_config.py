@@ -87,6 +87,20 @@ BAD_VALUES = [  # (overrides, what the one error line says); also run through th
     (["--config.data.num_examples=-5"], "config.data.num_examples: expected"),
     (["--config.student.model.vocab_size=50000"], "config.student.model.vocab_size: expected"),
     (["--config.checkpoint.after_done=some"], "config.checkpoint.after_done: expected"),
+    # a served teacher (issue 27): where and what it is, and only students its top-k can teach
+    (["--config.teacher.source=cloud"], "config.teacher.source: expected local or server"),
+    (["--config.teacher.source=server", "--config.teacher.server.model=m"],
+     "config.teacher.server.url: expected an http(s) URL"),
+    (["--config.teacher.source=server", "--config.teacher.server.url=http://127.0.0.1:9"],
+     "config.teacher.server.model: expected a non-empty name"),
+    (["--config.teacher.server.api=openai"], "config.teacher.server.api: expected llama_cpp or"),
+    (["--config.teacher.server.timeout_s=0"], "config.teacher.server.timeout_s: expected"),
+    (["--config.teacher.source=server", "--config.teacher.server.url=http://127.0.0.1:9",
+      "--config.teacher.server.model=m", "--config.students=sft,full_kd"],
+     "config.students: expected no full_kd, kd-sampled or first-sampled"),
+    (["--config.teacher.source=server", "--config.teacher.server.url=http://127.0.0.1:9",
+      "--config.teacher.server.model=m", "--config.distill.mode=online",
+      "--config.distill.temperature=search"], "config.distill.mode: expected offline"),
 ]
 
 
@@ -158,8 +172,19 @@ def test_finetune_length_buckets_move_the_teacher_fingerprint_only_when_set():
   # the key is hashed only away from its default: runs made before it existed stay done
   without = smoke.finetune.to_dict()
   del without["length_buckets"]
+  # nor are the served teacher's keys (issue 27): the teacher block as it was before them
+  teacher = {k: v for k, v in smoke.teacher.to_dict().items() if k not in ("source", "server")}
   assert base_fp == workspace.fingerprint(smoke.seed, smoke.tokenizer,
-                                          job.Job(smoke).data_block, smoke.teacher, without)
+                                          job.Job(smoke).data_block, teacher, without)
+  elsewhere = config_lib.load(["--config", SMOKE, "--config.teacher.server.url=http://h:1"])
+  assert job.teacher_fingerprint(elsewhere) == base_fp
+  served = ["--config", SMOKE, "--config.teacher.source=server",
+            "--config.teacher.server.url=http://h:1", "--config.teacher.server.model=m"]
+  fp = job.teacher_fingerprint(config_lib.load(served))
+  assert fp != base_fp and fp == job.teacher_fingerprint(config_lib.load(
+      served[:3] + ["--config.teacher.server.url=http://other:2"] + served[4:]))
+  assert fp != job.teacher_fingerprint(config_lib.load(served + [
+      "--config.teacher.server.model=m2"]))
   bucketed = config_lib.load(["--config", SMOKE, "--config.finetune.length_buckets=(24,48)"])
   assert bucketed.finetune.length_buckets == (24, 48)
   assert job.teacher_fingerprint(bucketed) != base_fp

@@ -40,7 +40,12 @@ def run(job: Job) -> str:
   return out
 
 
+def _prune(job: Job) -> None:
+  if job.cfg.teacher.source == "local":
+    job.prune_done(job.layout.teacher)
+
+
 STAGE = base.Stage(
     name="finetune", run=run, is_done=is_done, where=_where,
     outputs=lambda job: [job.layout.teacher], when_done=lambda job: job.layout.teacher,
-    prune=lambda job: job.prune_done(job.layout.teacher))
+    prune=_prune)
