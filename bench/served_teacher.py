@@ -143,6 +143,14 @@ def agreement(url: str, rows: int) -> dict:
   lp_s, lp_l = top_s["teacher_logprobs"][at], top_l["teacher_logprobs"][at]
   kept_s = lp_s > -1e3  # slots the server filled (an ambiguous text leaves one empty)
   overlap = np.array([len(set(a[m]) & set(b)) / K for a, m, b in zip(ids_s, kept_s, ids_l)])
+  # the same over the ids the llama_cpp schema can name (an ambiguous one is dropped by design)
+  mappable = np.isin(ids_l, np.asarray(sorted(client.index.values())))
+  overlap_m = np.array([len(set(a[m]) & set(b[bm])) / max(1, bm.sum())
+                        for a, m, b, bm in zip(ids_s, kept_s, ids_l, mappable)])
+  first_m = mappable[:, 0]
+  answer = np.zeros_like(at)
+  answer[np.arange(len(val["answer_pos"])), val["answer_pos"]] = True
+  at_answer = answer[at]
   deltas = []
   for a, m, la, b, lb in zip(ids_s, kept_s, lp_s, ids_l, lp_l):
     where = {int(i): float(v) for i, v in zip(b, lb)}
@@ -153,6 +161,13 @@ def agreement(url: str, rows: int) -> dict:
       "rows": rows, "positions": positions, "k": K,
       "top1_id_agreement": float(top1.mean()),
       "topk_id_overlap_mean": float(overlap.mean()),
+      "top1_id_agreement_where_mappable": float(top1[first_m].mean()),
+      "positions_top1_ambiguous": int((~first_m).sum()),
+      "topk_id_overlap_mean_of_mappable": float(overlap_m.mean()),
+      "answer_positions": {"n": int(at_answer.sum()),
+                           "top1_id_agreement": float(top1[at_answer].mean()),
+                           "topk_id_overlap_mean": float(overlap[at_answer].mean()),
+                           "ambiguous_ids_in_topk": int((~mappable[at_answer]).sum())},
       "abs_delta_logprob": {"max": float(deltas.max()), "median": float(np.median(deltas)),
                             "p99": float(np.percentile(deltas, 99)), "n": int(len(deltas))},
       "tail_abs_delta_median": float(np.median(np.abs(top_s["teacher_tail"][at]

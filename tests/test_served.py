@@ -182,20 +182,28 @@ def test_schema_matches_the_recorded_server(tok):
     rec = json.load(f)
   body = rec["request"]
   with Loopback(random_scorer(5, len(tok)), tok, "llama_cpp") as lb:
-    ours = lb.completion({**body, "prompt": body["prompt"]})[1]
+    ours = lb.completion(body)[1]
 
-  def shape(x):
+  def shape(x):  # keys and types, a top_logprobs dict as its size and value types
+    if isinstance(x, dict) and x and all(isinstance(v, float) for v in x.values()):
+      return ("top", len(x))
     if isinstance(x, dict):
       return {k: shape(v) for k, v in x.items() if k not in ("id", "created", "model")}
     if isinstance(x, list):
       return [shape(x[0]), shape(x[-1])] if x else []
     return type(x).__name__
   theirs = rec["response"]
-  assert shape(ours["choices"][0]["logprobs"]) == shape(theirs["choices"][0]["logprobs"])
   assert set(ours) == set(theirs) and set(ours["choices"][0]) == set(theirs["choices"][0])
+  assert shape(ours["choices"][0]) == shape(theirs["choices"][0])
   lp, real = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
-  assert len(lp["tokens"]) == len(real["tokens"]) and lp["tokens"] == real["tokens"]
-  assert len(lp["top_logprobs"]) == len(real["top_logprobs"])
+  # one entry per PROMPT token (none for the generated one), the first null
+  assert len(real["tokens"]) == len(real["top_logprobs"]) == len(real["token_logprobs"])
+  assert len(lp["tokens"]) == len(lp["top_logprobs"]) == len(lp["token_logprobs"])
+  assert real["top_logprobs"][0] is None and lp["top_logprobs"][0] is None
+  # k entries and token j's own (k + 1 unless it is among them)
+  k = body["logprobs"]
+  assert all(k <= len(e) <= k + 1 for e in real["top_logprobs"][1:])
+  assert all(k <= len(e) <= k + 1 for e in lp["top_logprobs"][1:])
 
 
 def test_smoke_pipeline_served_resumes_and_equals_in_process(smoke_workdir, tmp_path):

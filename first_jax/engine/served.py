@@ -37,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import http.client
 import json
+import logging
 import random
 import socket
 import threading
@@ -51,6 +52,7 @@ from first_jax.core.topk import TAIL_FLOOR
 from first_jax.runtime import log as log_lib
 from first_jax.runtime.errors import UserError
 
+log = logging.getLogger(__name__)
 APIS = ("llama_cpp", "vllm")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 REPORT_K = 20  # calibrate reads the top 20 (the concentrated-knowledge report), extract the top k
@@ -101,7 +103,8 @@ def token_texts(tok) -> list[str]:
   """The text each token id prints as on its own, as llama.cpp's detokenizer prints it (its
   bytes decoded as UTF-8, invalid bytes dropped; control tokens print nothing)."""
   dec = _byte_decoder()
-  special = set(tok.all_special_ids)
+  special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items()
+                                         if t.special}
   out = []
   for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
     if i in special or piece is None:
@@ -289,7 +292,9 @@ class Client:
           raise ServerError(f"teacher.server.url: {url} unreachable after {s.retries + 1} "
                             f"tries ({reason})") from None
       self.count(retries=1)
-      time.sleep(s.backoff_s * 2 ** attempt * (0.5 + random.random()))
+      wait = s.backoff_s * 2 ** attempt * (0.5 + random.random())
+      log.warning("%s: %s; retry %d of %d in %.1f s", what, reason, attempt + 1, s.retries, wait)
+      time.sleep(wait)
     raise AssertionError("unreachable")
 
   # -- start-up checks ------------------------------------------------------------------------
