@@ -254,3 +254,24 @@ def test_smoke_pipeline_served_resumes_and_equals_in_process(smoke_workdir, tmp_
   assert "teacher" not in json.load(open(os.path.join(wd, "eval", "results.json")))["results"]
   for key in ("accuracy", "ece", "nll"):
     assert ra["in_domain"][key] == pytest.approx(rb["in_domain"][key], abs=0.01), key
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_server_agrees_with_the_in_process_teacher():
+  """llama-cpp-python's server (the [serve] extra) with the SmolLM2 GGUF against the same
+  weights in process, at every position of 4 validation rows: the positions line up (top-1
+  agreement where our top-1 has a text of its own) and the log-probs differ by the Q4_1
+  server's quantisation only. `python -m bench.served_teacher` records the full figures."""
+  pytest.importorskip("llama_cpp")
+  from bench import served_teacher as bench
+  from first_jax.data import assets
+  gguf = str(assets.fetch("smollm2"))
+  port = bench.free_port()
+  server = bench.start_server(gguf, port, threads=2)
+  try:
+    r = bench.agreement(f"http://127.0.0.1:{port}", rows=4)
+  finally:
+    bench.stop(server)
+  assert r["top1_id_agreement_where_mappable"] > 0.9, r
+  assert r["topk_id_overlap_mean_of_mappable"] > 0.85, r
+  assert r["abs_delta_logprob"]["median"] < 0.2 and r["abs_delta_logprob"]["max"] < 2.0, r
