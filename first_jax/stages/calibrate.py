@@ -143,12 +143,12 @@ def run(job: Job) -> dict:
   store.StoreReader(out, verify=False)  # a clear error if extract has not written the store
   k, k_report = cfg.extract.k, max(MAX_K_REPORT, cfg.extract.k)
   text = cfg.data.kind == "text"
-  if cfg.teacher.source == "server":  # checked before anything is written
-    client = job.served_teacher()
-    val = job.data.splits["validation"]
+  # a served teacher is checked before anything (the data's split record) is written
+  client = job.served_teacher() if cfg.teacher.source == "server" else None
+  val = job.data.splits["validation"]
+  if client is not None:
     top = client.topk_rows(val, k_report, not text, desc="calibrate")
   else:
-    val = job.data.splits["validation"]
     teacher = job.load_export(job.layout.teacher, "teacher").for_inference()
     mesh = job.mesh
     fn = infer.topk_program(teacher.module, teacher.params, k_report, not text, mesh)

@@ -3,7 +3,8 @@
 Teacher forward and `topk.extract` run in one jitted program per batch; only the k ids,
 log-probs and tail mass leave the device. One store shard per `extract.shard_size` examples;
 finished shards are skipped on a re-run (resume), a different teacher, tokenizer or data is
-refused by the store itself.
+refused by the store itself. A served teacher (`teacher.source=server`) fills the same store
+from its server's top-k log-probs (`first_jax.engine.served`, docs/served_teacher.md).
 """
 from __future__ import annotations
 
