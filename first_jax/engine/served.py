@@ -87,16 +87,9 @@ class Server:
 # token ids <-> the texts a llama.cpp server prints them as
 
 def _byte_decoder() -> dict[str, int]:
-  """GPT-2's byte-level alphabet back to bytes (the inverse of `bytes_to_unicode`)."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
-      range(ord("\xae"), ord("\xff") + 1))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return {chr(c): b for b, c in zip(bs, cs)}
+  """GPT-2's byte-level alphabet back to bytes (transformers' `bytes_to_unicode`, inverted)."""
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_texts(tok) -> list[str]:
