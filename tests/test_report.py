@@ -238,7 +238,7 @@ def test_summary_has_exactly_the_keys(report):
   assert s["n"] == {"val": 123, "test": 400, "ood_per_task": {"a": 200, "b": 200}}
   assert set(s["premise"]) == {"teacher_val_confidence", "teacher_val_accuracy", "t_log_space",
                                "t_prob_softmax", "holds"}
-  assert set(s["paired"]) == {"first-sft", "first-sft+ts"}
+  assert set(s["paired"]) == {"first-sft", "first-sft+ts", "first+ts-sft+ts", "kd-sft+ts"}
   for v in s["paired"].values():
     assert set(v) == set(report.KEYS) | {"id_ece_relative"}
   for v in s["rows"].values():
