@@ -50,10 +50,11 @@ TOPK = (1, 2, 3, 4, 5, 10, 20)
 PAIRS = (("first", "sft"), ("first", "sft+ts"), ("first+ts", "sft"), ("first+ts", "sft+ts"),
          ("kd", "sft+ts"), ("kd-sampled", "kd"), ("kd-sampled", "sft+ts"), ("kd-sampled", "first"),
          ("first-sampled", "sft+ts"),
-         ("first-sampled", "first"), ("full_kd", "sft+ts"), ("full_kd", "first"))
+         ("first-sampled", "first"), ("full_kd", "sft+ts"), ("full_kd", "first"),
+         ("full_kd", "kd"))
 SUMMARY_PAIRS = ("first-sft", "first-sft+ts", "first+ts-sft+ts", "kd-sft+ts",
                  "first-sampled-sft+ts", "first-sampled-first", "kd-sampled-kd", "kd-sampled-sft+ts",
-                 "full_kd-sft+ts", "full_kd-first")
+                 "full_kd-sft+ts", "full_kd-first", "full_kd-kd")
 FIGURES = {"reliability_in_domain": ("eval", "reliability_in_domain.png"),
            "calibration_prob_softmax": ("store", "calibration_prob_softmax.png"),
            "calibration_log_space": ("store", "calibration_log_space.png"),
