@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
   for name in a.rows.split(","):
     v = train.parse_variant(name, cfg)
     t = train.teacher_temperature(job, v.spec)
-    add, extra = None, {}
+    add, extra, rows[name] = None, {}, {"store": None}
     if v.needs_teacher and not v.spec.online:
       reader = train.open_store(job, v.spec, t)
       add = train.store_targets(reader)
@@ -77,9 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
                         sum(s["bytes"] for s in m["shards"]) / m["scored_tokens"], 2)}
     elif v.spec.online:
       extra = dict(teacher_module=teacher.module, teacher_params=teacher.params)
-      rows[name] = {"store": None}
-    else:
-      rows[name] = {"store": None}
     # the same rows for every variant: the first batch of the study's seed-0 order, full length
     it = batches.BatchIterator(arrays, d.batch_size, seed=0, shuffle=True, drop_remainder=True,
                                add_fields=add)

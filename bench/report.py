@@ -49,9 +49,8 @@ TOPK = (1, 2, 3, 4, 5, 10, 20)
 # against FIRST too.
 PAIRS = (("first", "sft"), ("first", "sft+ts"), ("first+ts", "sft"), ("first+ts", "sft+ts"),
          ("kd", "sft+ts"), ("kd-sampled", "kd"), ("kd-sampled", "sft+ts"), ("kd-sampled", "first"),
-         ("first-sampled", "sft+ts"),
-         ("first-sampled", "first"), ("full_kd", "sft+ts"), ("full_kd", "first"),
-         ("full_kd", "kd"))
+         ("first-sampled", "sft+ts"), ("first-sampled", "first"), ("full_kd", "sft+ts"),
+         ("full_kd", "first"), ("full_kd", "kd"))
 SUMMARY_PAIRS = ("first-sft", "first-sft+ts", "first+ts-sft+ts", "kd-sft+ts",
                  "first-sampled-sft+ts", "first-sampled-first", "kd-sampled-kd", "kd-sampled-sft+ts",
                  "full_kd-sft+ts", "full_kd-first", "full_kd-kd")
