@@ -1,5 +1,8 @@
 """Test-wide setup: 8 fake CPU devices so sharding is exercised on any machine."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -9,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One compilation cache for the session: the many tests that run the same stages again (resume,
+# re-run, damaged copies of one run) compile each program once. A fresh folder per session.
+_XLA_CACHE = tempfile.mkdtemp(prefix="first_jax_xla_cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 import pytest  # noqa: E402
 
