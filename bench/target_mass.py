@@ -1,8 +1,11 @@
 """How much of each stored distillation target sits on the answer letters (issue 26): at the
 answer position of every training example, the summed target probability of the example's
 letter tokens, for the top-5 store (T = 1) and each sampled store (T = 1 and FIRST's calibrated
-T, the full-vocabulary softmax(logits / T)). The letters' share is what a choice-scored student
-learns from; the rest of a sampled target is spread over the vocabulary.
+T, the full-vocabulary softmax(logits / T)), and FIRST's own target (the top-5 and its tail bin
+at the calibrated T). A sampled store keeps its tokens' exact probabilities, and a letter at
+p >= tau is always kept (core/sampled.py), so its share is exact unless a letter fell below tau
+(then it is a lower bound). The letters' share is what a choice-scored student learns from; the
+rest of a sampled target is spread over the vocabulary.
 
     python -m bench.target_mass --out docs/results/target_letter_mass.json \
         vader=configs/trust_vader.py:workdir/trust_vader_rows/seed0 \
