@@ -2,8 +2,8 @@
 rows read a store (top-k: `kd`, `first`; sampled: `kd-sampled`, `first-sampled`), `full_kd` runs
 the teacher inside the step. One batch of the study's training data, each variant's step as the
 train stage compiles it (`train.parse_variant`, `trainer.compile_step`), timed interleaved so a
-busy machine slows every row alike; beside it the matmul parameters each step multiplies by
-(student forward + backward, teacher forward) and the store bytes each row reads per position.
+busy machine slows every row alike; beside it the matmul FLOPs of a step (student forward +
+backward, teacher forward: `bench.common.forward_flops`) and the store bytes each row reads.
 
     python -m bench.distill_cost --config configs/trust_vader.py \
         --workdir workdir/trust_vader_rows/seed0 --out docs/benchmarks/distill_cost.json
@@ -16,21 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-
-import numpy as np
 
 ROWS = ("sft", "kd", "first", "kd-sampled", "first-sampled", "full_kd")
-
-
-def matmul_params(params) -> int:
-  """Parameters a forward pass multiplies each token by: every matrix; a tied embedding counts
-  once, as the LM head's matmul (its lookup is no matmul); an untied one not at all."""
-  import jax
-  leaves = [(jax.tree_util.keystr(p).lower(), x)
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if x.ndim >= 2]
-  untied = any("lm_head" in name for name, _ in leaves)
-  return sum(int(np.prod(x.shape)) for name, x in leaves if not (untied and "embed" in name))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,13 +31,13 @@ def main(argv: list[str] | None = None) -> dict:
   a = ap.parse_args(argv)
 
   import jax
-  from bench.common import interleaved, log
+  from bench.common import environment, forward_flops, interleaved, log
   from first_jax import config as config_lib
   from first_jax.core import step as step_lib
   from first_jax.data import batches
   from first_jax.engine import trainer
   from first_jax.engine.job import Job
-  from first_jax.runtime import sharding
+  from first_jax.runtime import io_util, sharding
   from first_jax.stages import train
 
   job = Job(config_lib.load(["--config", a.config, f"--config.workdir={a.workdir}"]))
@@ -71,10 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
       reader = train.open_store(job, v.spec, t)
       add = train.store_targets(reader)
       m = reader.manifest
+      size = sum(s["bytes"] for s in m["shards"])
       rows[name] = {"store": os.path.relpath(reader.store_dir, a.workdir), "k": m["k"],
-                    "store_bytes": sum(s["bytes"] for s in m["shards"]),
-                    "store_bytes_per_scored_token": round(
-                        sum(s["bytes"] for s in m["shards"]) / m["scored_tokens"], 2)}
+                    "store_bytes": size,
+                    "store_bytes_per_scored_token": round(size / m["scored_tokens"], 2)}
     elif v.spec.online:
       extra = dict(teacher_module=teacher.module, teacher_params=teacher.params)
     # the same rows for every variant: the first batch of the study's seed-0 order, full length
@@ -95,33 +82,27 @@ def main(argv: list[str] | None = None) -> dict:
     rows[name].update(kind=v.spec.kind, online=v.spec.online, temperature=round(t, 4),
                       batch=list(batch["input_ids"].shape))
     log(f"distill_cost: {name} ({v.spec.kind}) compiled")
-  load = {"loadavg_1min_before": round(os.getloadavg()[0], 2)}  # another job slows every row
+  env = environment()  # its load average: another job slows every row
   times = interleaved(fns, a.warmup, a.reps)
-  load["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+  env["load_avg_end"] = list(os.getloadavg())
   base = times["kd"]["median_s"] if "kd" in times else None
   for name, tm in times.items():
     rows[name]["step"] = tm
     if base:
       rows[name]["step_vs_kd"] = round(tm["median_s"] / base, 3)
-  s_mm, t_mm = matmul_params(student.params), matmul_params(teacher.params)
+  b, l = batch["input_ids"].shape  # every row's batch: the same rows and length
+  s_fl, t_fl = (forward_flops(m.config, b, l)["total"] for m in (student, teacher))
   out = {
       "what": "one training step per distillation row of the study, each as the train stage "
               "compiles it, on the same batch (the study's batch size, full max_len, no "
               "bucketing), timed interleaved (bench.common.interleaved: the order flips every "
               "round); store bytes per record as each row's store holds them",
       "config": a.config, "workdir": a.workdir, "rows": rows,
-      "matmul_params": {"student": s_mm, "teacher": t_mm,
-                        "full_kd_vs_offline_flops": round((3 * s_mm + t_mm) / (3 * s_mm), 3)},
-      "machine": {"cpu": platform.processor() or platform.machine(),
-                  "cores": os.cpu_count(), "jax": jax.__version__,
-                  "devices": [str(x) for x in jax.devices()]},
-      "load": load, "warmup": a.warmup, "reps": a.reps,
+      "forward_flops": {"student": s_fl, "teacher": t_fl,
+                        "full_kd_vs_offline": round((3 * s_fl + t_fl) / (3 * s_fl), 3)},
+      "environment": env, "warmup": a.warmup, "reps": a.reps,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  tmp = a.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, a.out)
+  io_util.atomic_write_json(a.out, out)
   log(json.dumps({n: (r.get("step_vs_kd"), r["step"]["median_s"]) for n, r in rows.items()}))
   return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 
 import numpy as np
@@ -63,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
   a = ap.parse_args(argv)
   from first_jax import config as config_lib
   from first_jax.engine.job import Job
+  from first_jax.runtime import io_util
   out = {"what": __doc__.split("\n\n")[0], "studies": {}}
   for item in a.studies:
     name, _, rest = item.partition("=")
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in out["studies"][name]:
       print(name, row["target"], f"T={row['temperature']:.3f}", "letters hold",
             row["letter_mass_mean"])
-  tmp = a.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, a.out)
+  io_util.atomic_write_json(a.out, out)
   return out
 
 
